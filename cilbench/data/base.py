@@ -1,0 +1,75 @@
+"""What every data source provides, and the label-remapped views the evaluator hands to methods.
+
+Images leave the data layer as float tensors in [0, 1]; normalisation belongs to the backbone.
+Each batch carries stable sample keys (index within its split) and the split's name, so methods
+with frozen parts can cache features per sample instead of recomputing them every task.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from cilbench.data.transforms import AugmentConfig
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, H, W) float in [0, 1]
+    labels: torch.Tensor  # (B,) remapped labels (positions in the class order)
+    keys: torch.Tensor    # (B,) sample indices within the split
+    split: str            # cache namespace, e.g. "synth1k/train"
+    augmented: bool = False
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.images.to(device, non_blocking=True), self.labels.to(device), self.keys,
+                     self.split, self.augmented)
+
+
+class ImageSplit(abc.ABC):
+    """One split (train or test) of a dataset: original class ids per sample + a batch reader."""
+
+    name: str
+    targets: np.ndarray  # original class id of every sample
+    image_size: int
+    augment: AugmentConfig
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @abc.abstractmethod
+    def read(self, indices: np.ndarray, batch_size: int, augment: bool,
+             gen: torch.Generator, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (images float [0,1], keys) for ``indices`` in the given order."""
+
+
+class SampleView:
+    """A re-iterable loader over some samples of a split, with remapped labels."""
+
+    def __init__(self, split: ImageSplit, indices: np.ndarray, label_of: np.ndarray, batch_size: int,
+                 shuffle: bool, augment: bool, seed: int, num_workers: int = 0):
+        self.split, self.indices, self.label_of = split, np.asarray(indices), label_of
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.seed, self.num_workers = seed, num_workers
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[Batch]:
+        # Each pass draws from its own generator: (seed, pass number) -> reproducible and resumable.
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._epoch)
+        self._epoch += 1
+        order = self.indices
+        if self.shuffle:
+            order = order[torch.randperm(len(order), generator=gen).numpy()]
+        for images, keys in self.split.read(order, self.batch_size, self.augment, gen, self.num_workers):
+            labels = torch.as_tensor(self.label_of[self.split.targets[keys.numpy()]], dtype=torch.long)
+            yield Batch(images, labels, keys, self.split.name, self.augment)

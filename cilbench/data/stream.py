@@ -1,0 +1,42 @@
+"""The class-incremental stream: class order, per-task train views, seen-class test views."""
+from __future__ import annotations
+
+import numpy as np
+
+from cilbench.data.base import ImageSplit, SampleView
+from cilbench.protocol import TaskSplit, class_order, label_map
+
+
+class ClassIncrementalData:
+    def __init__(self, train: ImageSplit, test: ImageSplit, n_classes: int, splits: list[TaskSplit],
+                 order_seed: int, num_workers: int = 0):
+        self.train, self.test, self.splits = train, test, splits
+        self.order = class_order(n_classes, order_seed)
+        self.label_of = label_map(self.order)
+        self.num_workers = num_workers
+        self._train_index = _LabelIndex(self.label_of[train.targets], n_classes)
+        self._test_index = _LabelIndex(self.label_of[test.targets], n_classes)
+
+    def train_view(self, start: int, stop: int, batch_size: int, shuffle: bool, augment: bool,
+                   seed: int) -> SampleView:
+        return SampleView(self.train, self._train_index.between(start, stop), self.label_of, batch_size,
+                          shuffle, augment, seed, self.num_workers)
+
+    def test_view(self, n_seen: int, batch_size: int) -> SampleView:
+        return SampleView(self.test, self._test_index.between(0, n_seen), self.label_of, batch_size,
+                          shuffle=False, augment=False, seed=0, num_workers=self.num_workers)
+
+    def test_counts(self, n_seen: int) -> np.ndarray:
+        return self._test_index.counts[:n_seen]
+
+
+class _LabelIndex:
+    """Sample indices sorted by remapped label, so any label range is one slice."""
+
+    def __init__(self, labels: np.ndarray, n_classes: int):
+        self.sorted = np.argsort(labels, kind="stable")
+        self.bounds = np.searchsorted(labels[self.sorted], np.arange(n_classes + 1))
+        self.counts = np.diff(self.bounds)
+
+    def between(self, start: int, stop: int) -> np.ndarray:
+        return self.sorted[self.bounds[start]:self.bounds[stop]]

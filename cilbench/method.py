@@ -1,0 +1,153 @@
+"""The method contract. The evaluator owns the loop; a method owns learning and prediction.
+
+A method never sees test data and never receives the task identity at test time: ``predict`` gets
+images only (plus sample keys for caching frozen features) and returns logits over all seen classes.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from cilbench.backbones.vit import ViTBackbone
+from cilbench.data.base import Batch, SampleView
+from cilbench.data.stream import ClassIncrementalData
+
+
+@dataclass(frozen=True)
+class BenchmarkInfo:
+    name: str
+    n_classes: int
+    n_tasks: int
+    task_sizes: tuple[int, ...]
+    image_size: int
+
+
+class Reporter:
+    """Progress sink; the CLI provides a rich one, tests a silent one."""
+
+    def epoch(self, epoch: int, epochs: int, loss: float | None = None) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass
+
+
+@dataclass
+class RunContext:
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 1993
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA when the method allows it)
+    reporter: Reporter = field(default_factory=Reporter)
+
+    def autocast(self, enabled: bool = True):
+        if not enabled or self.precision == "fp32" or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+
+@dataclass
+class Task:
+    """What ``learn`` gets: the task's classes and a factory for loaders over its training data."""
+
+    index: int
+    n_tasks: int
+    start: int  # first remapped label of the task (= classes known before it)
+    stop: int
+    data: ClassIncrementalData = field(repr=False)
+    seed: int = 0
+    allow_past_data: bool = False
+    _streams: Callable[[], int] = field(default_factory=lambda: itertools.count().__next__, repr=False)
+
+    @property
+    def classes(self) -> range:
+        return range(self.start, self.stop)
+
+    @property
+    def known(self) -> int:
+        return self.start
+
+    @property
+    def total(self) -> int:
+        return self.stop
+
+    def train_loader(self, batch_size: int, shuffle: bool = True, augment: bool = True) -> SampleView:
+        return self.data.train_view(self.start, self.stop, batch_size, shuffle, augment, self._next_seed())
+
+    def seen_train_loader(self, batch_size: int, shuffle: bool = True, augment: bool = True) -> SampleView:
+        """All training data of classes seen so far: only for reference upper bounds (``joint``)."""
+        if not self.allow_past_data:
+            raise PermissionError("only methods with uses_past_data=True may read past tasks' data")
+        return self.data.train_view(0, self.stop, batch_size, shuffle, augment, self._next_seed())
+
+    def _next_seed(self) -> int:
+        return (self.seed * 100_003 + self.index) * 101 + self._streams()
+
+
+@dataclass(frozen=True)
+class ParamCost:
+    total: int       # parameters of everything the method holds (backbone included)
+    trainable: int   # parameters that received gradient updates in the last task
+    added: int       # parameters beyond the backbone's (adapters, prompts, heads, ...)
+    stored: int      # non-parameter numbers kept for prediction/training (prototypes, statistics)
+
+
+class Method(abc.ABC):
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]
+    online: ClassVar[bool] = False          # evaluator streams each training sample exactly once
+    uses_past_data: ClassVar[bool] = False  # reference upper bounds only
+    # Scaled-down hyper-parameters applied on synthetic benchmarks (CPU-sized), below every
+    # benchmark/user/CLI setting; each method documents its own.
+    synthetic_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, cfg: Any, ctx: RunContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.backbone: ViTBackbone | None = None
+        self._backbone_params = 0
+
+    def setup(self, backbone: ViTBackbone, info: BenchmarkInfo) -> None:
+        self.backbone = backbone.to(self.ctx.device)
+        self.info = info
+        self._backbone_params = count_params(backbone)
+
+    @abc.abstractmethod
+    def learn(self, task: Task) -> None: ...
+
+    @abc.abstractmethod
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """Logits (B, n_seen) over all classes seen so far."""
+
+    def wants_eval(self, task_index: int, n_tasks: int) -> bool:
+        """False skips evaluation after this task (the evaluator always evaluates the last task)."""
+        return True
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def modules(self) -> list[nn.Module]:
+        """Everything holding parameters; the default is the backbone only."""
+        return [self.backbone] if self.backbone is not None else []
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def cost(self) -> ParamCost:
+        params = {id(p): p for m in self.modules() for p in m.parameters()}
+        total = sum(p.numel() for p in params.values())
+        trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+        stored = sum(t.numel() for t in self.stored_tensors())
+        return ParamCost(total, trainable, total - self._backbone_params, stored)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,111 @@
+"""A run folder: config.toml, events.jsonl, accuracy_matrix.csv, summary.json, curves.png,
+checkpoint/state.pt and log.txt. Every file except the append-only logs is written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tomli_w
+
+from cilbench.errors import CilbenchError
+from cilbench.ioutil import atomic_torch_save, atomic_write_json, atomic_write_text
+
+CHECKPOINT = "checkpoint/state.pt"
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def status(self) -> str:
+        """'new', 'finished' or 'unfinished'."""
+        summary = self.path / "summary.json"
+        if not self.path.exists() or not any(self.path.iterdir()):
+            return "new"
+        if summary.exists() and json.loads(summary.read_text()).get("status") == "finished":
+            return "finished"
+        return "unfinished"
+
+    def prepare(self, config: dict[str, Any], force: bool) -> bool:
+        """Create or reopen the folder; returns True when an unfinished run should be resumed."""
+        state = self.status()
+        if state != "new" and force:
+            shutil.rmtree(self.path)
+            state = "new"
+        if state == "finished":
+            raise CilbenchError(f"run {self.path} is already finished",
+                                "use `cilbench show` to read it, --force to run it again, or --name for a new run")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise CilbenchError(f"cannot write to {self.path}: {e.strerror}",
+                                "choose a writable folder with --out or [output] root") from e
+        if state == "unfinished" and (self.path / "config.toml").exists():
+            old = (self.path / "config.toml").read_text()
+            if old != tomli_w.dumps(config):
+                raise CilbenchError(f"{self.path} holds an unfinished run with a different configuration",
+                                    "resume with the same settings, or pass --force to start over")
+            return (self.path / CHECKPOINT).exists()
+        atomic_write_text(self.path / "config.toml", tomli_w.dumps(config))
+        return False
+
+    # ---- writing ---------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        with open(self.path / "log.txt", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    def append_event(self, event: dict[str, Any]) -> None:
+        with open(self.path / "events.jsonl", "a") as f:
+            f.write(json.dumps(event, default=_plain) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_events(self, n: int) -> None:
+        """Keep the first ``n`` events (those covered by the checkpoint being resumed)."""
+        path = self.path / "events.jsonl"
+        if path.exists():
+            lines = path.read_text().splitlines(keepends=True)[:n]
+            atomic_write_text(path, "".join(lines))
+
+    def write_matrix(self, a: np.ndarray) -> None:
+        cols = [f"task_{j}" for j in range(a.shape[1])]
+        df = pd.DataFrame(a, columns=cols, index=pd.Index([f"after_{t}" for t in range(a.shape[0])], name="row"))
+        atomic_write_text(self.path / "accuracy_matrix.csv", df.to_csv(float_format="%.4f"))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.path / "summary.json", summary)
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        atomic_torch_save(state, self.path / CHECKPOINT)
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        import torch
+
+        return torch.load(self.path / CHECKPOINT, map_location="cpu", weights_only=False)
+
+    # ---- reading ---------------------------------------------------------------------------
+    def read_summary(self) -> dict[str, Any]:
+        return json.loads((self.path / "summary.json").read_text())
+
+    def read_events(self) -> list[dict[str, Any]]:
+        path = self.path / "events.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _plain(o: Any):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(type(o))

@@ -1,0 +1,186 @@
+"""Assemble and execute one run: config -> data, backbone, method -> evaluator loop -> run folder."""
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cilbench import config as C
+from cilbench.backbones.loader import load_backbone
+from cilbench.benchmark import BenchmarkSpec, get_benchmark
+from cilbench.data.sources import load_splits
+from cilbench.data.stream import ClassIncrementalData
+from cilbench.errors import CilbenchError, ConfigError
+from cilbench.evaluator import Evaluator, seed_everything
+from cilbench.method import BenchmarkInfo, Method, Reporter, RunContext
+from cilbench.registry import METHODS
+from cilbench.report import run_curves
+from cilbench.results import RunDir
+
+
+@dataclass
+class RunRequest:
+    method: str
+    bench: str
+    seed: int | None = None
+    device: str | None = None
+    data_root: str | None = None
+    out: str | None = None
+    name: str | None = None
+    sets: list[str] = field(default_factory=list)
+    config_path: str | None = None
+    force: bool = False
+    eval_every: int | None = None
+
+
+@dataclass
+class ResolvedRun:
+    bench: BenchmarkSpec
+    method_cls: type
+    method_cfg: Any
+    run: C.RunSettings
+    backbone: Any
+    run_dir: Path
+
+    def as_toml_dict(self) -> dict:
+        return {"benchmark": self.bench.name, "method": self.method_cls.name,
+                "run": C.as_dict(self.run), "backbone": C.as_dict(self.backbone),
+                "method_config": C.as_dict(self.method_cfg)}
+
+
+def resolve(req: RunRequest) -> ResolvedRun:
+    bench = get_benchmark(req.bench)
+    method_cls = METHODS.get(req.method)
+    user = C.load_user_config(req.config_path)
+    cli = C.parse_set(req.sets)
+    run_layer = {**user.get("run", {})}
+    if "root" in user.get("data", {}):
+        run_layer["data_root"] = user["data"]["root"]
+    if "root" in user.get("output", {}):
+        run_layer["out_root"] = user["output"]["root"]
+    flags = {k: v for k, v in {"seed": req.seed, "device": req.device, "data_root": req.data_root,
+                               "out_root": req.out, "eval_every": req.eval_every}.items() if v is not None}
+    if "root" in cli.get("data", {}):
+        flags["data_root"] = cli["data"]["root"]
+    import os
+    env = {"data_root": os.environ["CILBENCH_DATA"]} if os.environ.get("CILBENCH_DATA") else {}
+    run = C.build(C.RunSettings, [("cilbench.toml", run_layer), ("$CILBENCH_DATA", env),
+                                  ("--set run.*", cli.get("run", {})), ("command line", flags)])
+    if run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but CUDA is not available here", "use --device cpu")
+    user_methods = user.get("methods", {})
+    synthetic = method_cls.synthetic_defaults if bench.dataset.source == "synthetic" else {}
+    method_cfg = C.build(method_cls.Config, [
+        (f"{method_cls.name} synthetic defaults", synthetic),
+        (f"benchmark {bench.name} [methods.{method_cls.name}]", bench.overrides_for(method_cls.name)),
+        (f"cilbench.toml [methods.{method_cls.name}]", user_methods.get(method_cls.name, {})),
+        ("--set method.*", cli.get("method", {}))])
+    backbone = C.build_backbone_config(bench.backbone, user.get("backbone", {}), cli.get("backbone", {}))
+    run_id = req.name or f"{bench.name}__{method_cls.name}__s{run.seed}"
+    return ResolvedRun(bench, method_cls, method_cfg, run, backbone, Path(run.out_root) / run_id)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False) -> RunDir:
+    bench, run = resolved.bench, resolved.run
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    rd = RunDir(resolved.run_dir)
+    resume = rd.prepare(resolved.as_toml_dict(), force=force)
+    device = torch.device(run.device)
+    seed_everything(run.seed)
+    train, test = load_splits(bench.dataset, Path(run.data_root) if run.data_root else None)
+    data = ClassIncrementalData(train, test, bench.n_classes, bench.splits, bench.order_seed, run.num_workers)
+    backbone = load_backbone(resolved.backbone, normalize=bench.dataset.normalize)
+    if backbone.img_size != bench.dataset.image_size:
+        raise ConfigError(f"backbone {backbone.name} expects {backbone.img_size}px images, "
+                          f"{bench.dataset.display} is set up for {bench.dataset.image_size}px",
+                          "pick a backbone for this benchmark (--set backbone.name=...)")
+    n_tasks = len(bench.splits)
+    reporter = reporter_factory(n_tasks) if reporter_factory else _NullReporter()
+    ctx = RunContext(device=device, seed=run.seed, precision=run.precision, reporter=reporter)
+    method: Method = resolved.method_cls(resolved.method_cfg, ctx)
+    info = BenchmarkInfo(bench.name, bench.n_classes, n_tasks, tuple(len(s) for s in bench.splits),
+                         bench.dataset.image_size)
+    method.setup(backbone, info)
+    ev = Evaluator(method, data, ctx, run.eval_every, run.eval_batch_size, rd, reporter)
+    if resume:
+        ckpt = rd.load_checkpoint()
+        ev.restore(ckpt)
+        rd.truncate_events(ev.state.tasks_done)
+        rd.log(f"resumed after task {ev.state.tasks_done}")
+        reporter.log(f"resuming {rd.path} after task {ev.state.tasks_done}/{n_tasks}")
+    else:
+        rd.truncate_events(0)
+        rd.log(f"start {bench.name} / {resolved.method_cls.name} seed {run.seed}")
+
+    stop = {"signal": None}
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+        raise _Interrupt()
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    started = time.time()
+    try:
+        with reporter:
+            for t in range(ev.state.tasks_done, n_tasks):
+                reporter.start_task(t)
+                event = ev.run_task(t)
+                _save(rd, ev, event, resolved, final=t == n_tasks - 1)
+                acc = f"A_t {event['acc']:.2f}%" if event["acc"] is not None else "not evaluated"
+                reporter.end_task(t, f"{acc} learn {event['learn_s']:.1f}s eval {event['eval_s']:.1f}s")
+    except _Interrupt:
+        rd.log(f"interrupted by signal {stop['signal']} after task {ev.state.tasks_done}")
+        raise CilbenchError(f"interrupted; tasks 1..{ev.state.tasks_done} of {n_tasks} are saved in {rd.path}",
+                            "run the same command again to resume") from None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    rd.log(f"finished in {time.time() - started:.1f}s")
+    return rd
+
+
+def _save(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, final: bool) -> None:
+    """Event line, then the checkpoint (signals deferred so the write is never torn), then summaries."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        rd.append_event(event)
+        ev.events.append(event)
+        rd.save_checkpoint(ev.checkpoint_state())
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    s = ev.state
+    d = s.tasks_done
+    summary = {"status": "finished" if final else "running", "benchmark": resolved.bench.name,
+               "method": resolved.method_cls.name, "seed": resolved.run.seed,
+               "metrics": s.summary().as_dict(), "cost": event["cost"],
+               "learn_s_total": round(sum(e["learn_s"] for e in rd.read_events()), 3),
+               "eval_s_total": round(sum(e["eval_s"] for e in rd.read_events()), 3),
+               "peak_mem_mb": event["peak_mem_mb"]}
+    rd.write_summary(summary)
+    if final or s.n_tasks <= 60 or d % 10 == 0:
+        rd.write_matrix(s.a[:d, :d])
+    if final:
+        run_curves(s.a[:d, :d], s.acc_all[:d], f"{resolved.method_cls.name} on {resolved.bench.name}",
+                   rd.path / "curves.png")
+
+
+class _NullReporter(Reporter):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def start_task(self, t):
+        pass
+
+    def end_task(self, t, line):
+        pass

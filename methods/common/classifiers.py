@@ -1,0 +1,64 @@
+"""Classifier heads that grow with the classes seen so far."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CosinePrototypes(nn.Module):
+    """Cosine similarity to class prototypes (SimpleCIL / APER): logits_c = cos(f, p_c)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("protos", torch.zeros(0, dim))
+
+    @property
+    def n_classes(self) -> int:
+        return self.protos.shape[0]
+
+    def set_classes(self, start: int, means: torch.Tensor) -> None:
+        """Write prototypes of classes start..start+len(means)-1 (appending as needed)."""
+        stop = start + len(means)
+        if stop > self.n_classes:
+            grown = torch.zeros(stop, self.protos.shape[1], device=self.protos.device, dtype=self.protos.dtype)
+            grown[: self.n_classes] = self.protos
+            self.protos = grown
+        self.protos[start:stop] = means.to(self.protos)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.normalize(feats, dim=1) @ F.normalize(self.protos, dim=1).T
+
+
+class GrowingLinear(nn.Module):
+    """A linear head whose output grows per task; old rows are kept (and stay trainable)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.weight = nn.Parameter(torch.zeros(0, dim))
+        self.bias = nn.Parameter(torch.zeros(0))
+
+    @property
+    def n_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def grow(self, n_total: int) -> None:
+        if n_total <= self.n_classes:
+            return
+        new = nn.Linear(self.dim, n_total - self.n_classes).to(self.weight.device)
+        self.weight = nn.Parameter(torch.cat([self.weight.data, new.weight.data]))
+        self.bias = nn.Parameter(torch.cat([self.bias.data, new.bias.data]))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.linear(feats, self.weight, self.bias)
+
+
+@torch.no_grad()
+def class_means(feats: torch.Tensor, labels: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Mean feature per class in [start, stop) via one scatter-add (no per-class loop)."""
+    n = stop - start
+    sums = torch.zeros(n, feats.shape[1], dtype=torch.float64, device=feats.device)
+    sums.index_add_(0, labels - start, feats.double())
+    counts = torch.bincount(labels - start, minlength=n).clamp_min(1).to(sums)
+    return (sums / counts[:, None]).float()

@@ -1,0 +1,48 @@
+"""A plain supervised training loop (SGD + cosine schedule), shared by the fine-tuning baselines."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from cilbench.data.base import Batch
+from cilbench.method import RunContext
+
+
+@dataclass(frozen=True)
+class SGDSchedule:
+    epochs: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    min_lr: float = 0.0
+
+
+def train_epochs(params: list[torch.nn.Parameter], loader: Iterable[Batch],
+                 loss_fn: Callable[[Batch], torch.Tensor], sched: SGDSchedule, ctx: RunContext) -> float:
+    """Train for ``sched.epochs`` passes; returns the last epoch's mean loss."""
+    opt = torch.optim.SGD(params, lr=sched.lr, momentum=sched.momentum, weight_decay=sched.weight_decay)
+    steps = max(1, sched.epochs * len(loader))  # type: ignore[arg-type]
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=sched.min_lr)
+    mean_loss = float("nan")
+    for epoch in range(sched.epochs):
+        total, seen = 0.0, 0
+        for batch in loader:
+            batch = batch.to(ctx.device)
+            with ctx.autocast():
+                loss = loss_fn(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            lr_sched.step()
+            total += loss.item() * len(batch.labels)
+            seen += len(batch.labels)
+        mean_loss = total / max(1, seen)
+        ctx.reporter.epoch(epoch + 1, sched.epochs, mean_loss)
+    return mean_loss
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels)

@@ -1,0 +1,65 @@
+"""SimpleCIL: frozen pre-trained backbone, class-mean prototypes, cosine classifier.
+
+Zhou et al., "Revisiting Class-Incremental Learning with Pre-Trained Models" (the APER paper's
+SimpleCIL baseline). No training at all: each task adds the mean CLS feature of its classes' training
+images (test-time transform); prediction is the cosine similarity to every prototype. Features are
+cached per sample because the backbone never changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cilbench.config import check_range
+from cilbench.data.base import Batch
+from cilbench.features import FeatureCache
+from cilbench.method import Method, Task
+from cilbench.registry import register_method
+from methods.common.classifiers import CosinePrototypes, class_means
+
+
+@dataclass(frozen=True)
+class SimpleCILConfig:
+    batch_size: int = 128
+
+    def __post_init__(self):
+        check_range("method.batch_size", self.batch_size, 1)
+
+
+@register_method("simplecil")
+class SimpleCIL(Method):
+    """Frozen backbone + class-mean prototypes + cosine classifier (no training)."""
+
+    Config = SimpleCILConfig
+
+    def setup(self, backbone, info) -> None:
+        super().setup(backbone, info)
+        self.backbone.eval().requires_grad_(False)
+        self.head = CosinePrototypes(backbone.embed_dim).to(self.ctx.device)
+        self.features = FeatureCache(self.backbone)
+
+    def learn(self, task: Task) -> None:
+        feats, labels = [], []
+        for batch in task.train_loader(self.cfg.batch_size, shuffle=False, augment=False):
+            batch = batch.to(self.ctx.device)
+            feats.append(self.features(batch))
+            labels.append(batch.labels)
+        self.head.set_classes(task.start, class_means(torch.cat(feats), torch.cat(labels), task.start, task.stop))
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        return self.head(self.features(batch))
+
+    def modules(self):
+        return [self.backbone, self.head]
+
+    def stored_tensors(self):
+        return [self.head.protos]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"protos": self.head.protos.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.head.protos = state["protos"].to(self.ctx.device)

@@ -1,0 +1,46 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+TINY_BENCH = """
+[dataset.tiny]
+display = "Tiny synthetic"
+source = "synthetic"
+n_classes = 12
+image_size = 32
+train_per_class = 8
+test_per_class = 4
+
+[benchmark.tiny-3]
+description = "12 synthetic classes, B4 Inc4"
+dataset = "tiny"
+init = 4
+increment = 4
+
+[benchmark.tiny-ragged]
+dataset = "tiny"
+increment = 5
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory):
+    """Test benchmarks + a private cache; no user cilbench.toml."""
+    root = tmp_path_factory.mktemp("cilbench")
+    bench_dir = root / "benchmarks"
+    bench_dir.mkdir()
+    (bench_dir / "tiny.toml").write_text(TINY_BENCH)
+    os.environ["CILBENCH_BENCHMARKS"] = str(bench_dir)
+    os.environ["CILBENCH_CACHE"] = str(root / "cache")
+    os.environ["CILBENCH_CONFIG"] = str(root / "absent.toml")
+    os.environ.pop("CILBENCH_DATA", None)
+    yield root
+
+
+@pytest.fixture
+def bench_dir(isolated_env) -> Path:
+    return isolated_env / "benchmarks"
