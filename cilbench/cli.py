@@ -12,6 +12,8 @@ from rich.table import Table
 from cilbench.errors import CilbenchError
 
 console = Console()
+if not console.is_terminal:  # logs and pipes: wide enough that tables are never truncated
+    console = Console(width=160)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +37,15 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("list", help="registered methods and benchmarks")
 
+    p = sub.add_parser("compare", help="leaderboards and plots from run folders")
+    p.add_argument("run_dirs", nargs="*", help="run folders, or folders of run folders")
+    p.add_argument("--results", help="folder of run folders (default: results/ when no RUN_DIRS)")
+    p.add_argument("--bench", nargs="+", help="only these benchmarks")
+    p.add_argument("--methods", nargs="+", help="only these methods")
+    p.add_argument("--out", help="output folder (default: the results folder)")
+    p.add_argument("--with-published", action="store_true",
+                   help="add the papers' published numbers, labelled as such")
+
     p = sub.add_parser("show", help="summary of one run folder")
     p.add_argument("run_dir")
 
@@ -46,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return {"run": _run, "list": _list, "show": _show, "pretrain": _pretrain}[args.command](args)
+        return {"run": _run, "list": _list, "compare": _compare, "show": _show, "pretrain": _pretrain}[args.command](args)
     except CilbenchError as e:
         if args.debug:
             raise
@@ -83,10 +94,45 @@ def _list(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from cilbench.compare import find_runs, load_run, write_comparison
+
+    roots = [Path(p) for p in args.run_dirs] or [Path(args.results or "results")]
+    if args.results and args.run_dirs:
+        roots.append(Path(args.results))
+    runs = [load_run(p) for p in find_runs(roots)]
+    runs = [r for r in runs if (not args.bench or r.benchmark in args.bench)
+            and (not args.methods or r.method in args.methods)]
+    if not runs:
+        raise CilbenchError(f"no run folders found in {', '.join(map(str, roots))}",
+                            "run `cilbench run ...` first, or point at the folders holding summary.json")
+    out = Path(args.out) if args.out else (Path(args.results) if args.results else roots[0])
+    table, files = write_comparison(runs, out, args.with_published)
+    rich_table = Table(title=f"leaderboard ({len(runs)} runs)")
+    for col in table.columns:
+        text = col in ("method", "benchmark", "seeds", "status")
+        rich_table.add_column(str(col), justify="left" if text else "right", no_wrap=text)
+    for row in table.itertuples(index=False):
+        rich_table.add_row(*map(str, row))
+    console.print(rich_table)
+    console.print(f"wrote {out / 'leaderboard.csv'}, {out / 'leaderboard.md'} and {len(files) - 2} plot files "
+                  f"under {out / 'plots'}")
+    return 0
+
+
 def _show(args) -> int:
     path = Path(args.run_dir)
     if not (path / "summary.json").exists():
         raise CilbenchError(f"{path} is not a run folder (no summary.json)", "pass a folder under results/")
+    config = path / "config.toml"
+    if config.exists():
+        import tomllib
+
+        cfg = tomllib.loads(config.read_text())
+        console.print(f"[bold]{cfg['method']}[/] on [bold]{cfg['benchmark']}[/]  backbone {cfg['backbone']['name']}"
+                      f" ({cfg['backbone']['weights']})")
+        for section in ("method_config", "run"):
+            console.print(f"  {section}: " + ", ".join(f"{k}={v}" for k, v in cfg[section].items()))
     _print_summary(path)
     return 0
 
@@ -95,10 +141,9 @@ def _print_summary(path: Path) -> None:
     s = json.loads((path / "summary.json").read_text())
     m = s["metrics"]
     table = Table(title=f"{s['method']} on {s['benchmark']} (seed {s['seed']}) - {s['status']}")
-    for col in ("tasks", "last acc", "avg inc acc", "forgetting", "BWT", "last top-5", "added params",
-                "learn s", "eval s"):
+    for col in ("tasks", "A_last", "Ā", "forget", "BWT", "top5", "added", "learn s", "eval s"):
         table.add_column(col, justify="right")
-    f = lambda v: "-" if v is None or v != v else f"{v:.2f}"  # noqa: E731
+    f = lambda v: "-" if v is None or v != v else f"{v:.2f}"  # noqa: E731  (None/NaN = undefined)
     table.add_row(f"{m['tasks_done']}/{m['n_tasks']}", f(m["last_acc"]), f(m["avg_inc_acc"]),
                   f(m["forgetting"]), f(m["bwt"]), f(m["last_top5"]), f"{s['cost']['added']:,}",
                   f"{s['learn_s_total']:.1f}", f"{s['eval_s_total']:.1f}")

@@ -29,6 +29,8 @@ class EvalState:
     acc_all: np.ndarray = field(init=False)      # A_t
     top5_all: np.ndarray = field(init=False)
     tasks_done: int = 0
+    learn_s_total: float = 0.0
+    eval_s_total: float = 0.0
 
     def __post_init__(self):
         self.a = np.full((self.n_tasks, self.n_tasks), np.nan)
@@ -99,17 +101,17 @@ class Evaluator:
         self.eval_every, self.eval_batch_size = eval_every, eval_batch_size
         self.run_dir, self.reporter = run_dir, reporter
         self.state = EvalState(len(self.splits))
-        self.events: list[dict] = []
 
     # ---- resume -------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
         s = self.state
         return {"tasks_done": s.tasks_done, "a": s.a, "acc_all": s.acc_all, "top5_all": s.top5_all,
-                "method": self.method.state_dict(), "rng": rng_state()}
+                "learn_s_total": s.learn_s_total, "eval_s_total": s.eval_s_total, "method": self.method.state_dict(), "rng": rng_state()}
 
     def restore(self, ckpt: dict) -> None:
         s = self.state
         s.tasks_done, s.a, s.acc_all, s.top5_all = ckpt["tasks_done"], ckpt["a"], ckpt["acc_all"], ckpt["top5_all"]
+        s.learn_s_total, s.eval_s_total = ckpt["learn_s_total"], ckpt["eval_s_total"]
         self.method.load_state_dict(ckpt["method"])
         set_rng_state(ckpt["rng"])
 
@@ -141,4 +143,6 @@ class Evaluator:
         event["peak_mem_mb"] = round(peak_memory_mb(self.ctx.device), 1)
         event["cost"] = asdict(self.method.cost())
         self.state.tasks_done = t + 1
+        self.state.learn_s_total += event["learn_s"]
+        self.state.eval_s_total += event["eval_s"]
         return event

@@ -29,7 +29,19 @@ class BenchmarkInfo:
 
 
 class Reporter:
-    """Progress sink; the CLI provides a rich one, tests a silent one."""
+    """Progress sink; the base class is silent, the CLI provides a rich one."""
+
+    def __enter__(self) -> "Reporter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def start_task(self, t: int) -> None:
+        pass
+
+    def end_task(self, t: int, line: str) -> None:
+        pass
 
     def epoch(self, epoch: int, epochs: int, loss: float | None = None) -> None:
         pass

@@ -31,7 +31,9 @@ class Summary:
     n_evaluated: int
 
     def as_dict(self) -> dict:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        """JSON-ready: NaN (undefined, e.g. forgetting of a 1-task run) becomes None/null."""
+        return {k: (None if v != v else round(v, 4)) if isinstance(v, float) else v
+                for k, v in asdict(self).items()}
 
 
 def forgetting(a: np.ndarray) -> float:
@@ -72,3 +74,23 @@ def summarize(a: np.ndarray, acc_all: np.ndarray, top5_all: np.ndarray, n_tasks:
         last_top5=float(top5_all[-1]) if done else nan,
         avg_top5=float(np.nanmean(top5_all)) if evaluated.any() else nan,
         n_evaluated=int(evaluated.sum()))
+
+
+def forgetting_curve(a: np.ndarray) -> np.ndarray:
+    """F_t for every task t (NaN for t = 0 and unevaluated rows): forgetting as if t were the last task.
+
+    F_t = mean_{j<t} ( max_{t'<t, evaluated} a[t'][j] − a[t][j] ), vectorised with a running max.
+    """
+    n = a.shape[0]
+    out = np.full(n, np.nan)
+    if n < 2:
+        return out
+    filled = np.where(np.isnan(a), -np.inf, a)
+    best_before = np.maximum.accumulate(filled, axis=0)[:-1]       # row t-1 = best up to t-1
+    drops = best_before - a[1:]                                     # row t-1 <-> task t
+    valid = np.tril(np.ones((n - 1, n), dtype=bool), k=0)           # j <= t-1, i.e. j < t
+    valid &= np.isfinite(drops)
+    sums = np.where(valid, drops, 0.0).sum(1)
+    counts = valid.sum(1)
+    out[1:] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return out

@@ -105,7 +105,7 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False) -
                           f"{bench.dataset.display} is set up for {bench.dataset.image_size}px",
                           "pick a backbone for this benchmark (--set backbone.name=...)")
     n_tasks = len(bench.splits)
-    reporter = reporter_factory(n_tasks) if reporter_factory else _NullReporter()
+    reporter = reporter_factory(n_tasks) if reporter_factory else Reporter()
     ctx = RunContext(device=device, seed=run.seed, precision=run.precision, reporter=reporter)
     method: Method = resolved.method_cls(resolved.method_cfg, ctx)
     info = BenchmarkInfo(bench.name, bench.n_classes, n_tasks, tuple(len(s) for s in bench.splits),
@@ -152,7 +152,6 @@ def _save(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, final: 
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         rd.append_event(event)
-        ev.events.append(event)
         rd.save_checkpoint(ev.checkpoint_state())
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -161,8 +160,7 @@ def _save(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, final: 
     summary = {"status": "finished" if final else "running", "benchmark": resolved.bench.name,
                "method": resolved.method_cls.name, "seed": resolved.run.seed,
                "metrics": s.summary().as_dict(), "cost": event["cost"],
-               "learn_s_total": round(sum(e["learn_s"] for e in rd.read_events()), 3),
-               "eval_s_total": round(sum(e["eval_s"] for e in rd.read_events()), 3),
+               "learn_s_total": round(s.learn_s_total, 3), "eval_s_total": round(s.eval_s_total, 3),
                "peak_mem_mb": event["peak_mem_mb"]}
     rd.write_summary(summary)
     if final or s.n_tasks <= 60 or d % 10 == 0:
@@ -170,17 +168,3 @@ def _save(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, final: 
     if final:
         run_curves(s.a[:d, :d], s.acc_all[:d], f"{resolved.method_cls.name} on {resolved.bench.name}",
                    rd.path / "curves.png")
-
-
-class _NullReporter(Reporter):
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def start_task(self, t):
-        pass
-
-    def end_task(self, t, line):
-        pass

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from cilbench.cli import main
+from cilbench.method import Reporter
 from cilbench.runner import RunRequest, execute, resolve
 
 
@@ -49,7 +50,7 @@ def test_finished_run_is_not_overwritten(tmp_path):
     assert run("simplecil", tmp_path, force=True).status() == "finished"
 
 
-class StopAfter:
+class StopAfter(Reporter):
     """A reporter that simulates a crash right after task ``t`` was checkpointed."""
 
     def __init__(self, t):
@@ -57,21 +58,6 @@ class StopAfter:
 
     def __call__(self, n_tasks):
         return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def start_task(self, t):
-        pass
-
-    def epoch(self, *a, **k):
-        pass
-
-    def log(self, m):
-        pass
 
     def end_task(self, t, line):
         if t == self.t:
