@@ -1,13 +1,13 @@
 """Assemble and execute one run: config -> data, backbone, method -> evaluator loop -> run folder."""
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cilbench import config as C
@@ -34,7 +34,6 @@ class RunRequest:
     name: str | None = None
     sets: list[str] = field(default_factory=list)
     config_path: str | None = None
-    force: bool = False
     eval_every: int | None = None
 
 
@@ -67,7 +66,6 @@ def resolve(req: RunRequest) -> ResolvedRun:
                                "out_root": req.out, "eval_every": req.eval_every}.items() if v is not None}
     if "root" in cli.get("data", {}):
         flags["data_root"] = cli["data"]["root"]
-    import os
     env = {"data_root": os.environ["CILBENCH_DATA"]} if os.environ.get("CILBENCH_DATA") else {}
     run = C.build(C.RunSettings, [("cilbench.toml", run_layer), ("$CILBENCH_DATA", env),
                                   ("--set run.*", cli.get("run", {})), ("command line", flags)])
