@@ -16,6 +16,8 @@ Faithful to the released code (``LMMMEng/CaRE`` d90800a) as described in spec me
   ``ca_lr``, CosineAnnealingLR(T_max=5) whatever ``crct_epochs`` is.
 - ``decay`` scales sampling means with the released code's negative task size (default, to reproduce
   published numbers); ``decay_fix`` uses the intended per-task formula instead.
+- ``dispatch = "sparse"`` (default) runs experts CLS-first and only the selected ones on all tokens;
+  ``"dense"`` is the released every-expert-on-every-token path (equivalence: tests/test_care_sparse.py).
 - Inference: single task-agnostic pass, or (``iter_pred``, 1 ≤ task ≤ ``max_iter_pred_task``) the
   iterative mode: one semi-dynamic pass per task id, keep the lowest-entropy one per sample, add the
   single-pass softmax.
@@ -68,6 +70,7 @@ class CaREConfig:
     iter_pred: bool = True
     max_iter_pred_task: int = 60
     amp: bool = False                  # autocast on CUDA (fp16, or bf16 with run.precision=bf16)
+    dispatch: Literal["sparse", "dense"] = "sparse"   # dense = the released all-experts reference path
 
     def __post_init__(self):
         for key in ("tuned_epoch", "crct_epochs", "ca_samples_per_class", "max_iter_pred_task"):
@@ -80,7 +83,7 @@ class CaREConfig:
 
     def brmoe(self) -> BRMoEConfig:
         return BRMoEConfig(self.expert_dim, self.adapter_dim, self.topk_experts, self.topk_routers, self.dropout,
-                           self.ema_mu, -100.0, self.expert_init, self.entropy_norm)
+                           self.ema_mu, -100.0, self.expert_init, self.entropy_norm, self.dispatch)
 
 
 class CosineHeads(nn.Module):

@@ -64,9 +64,13 @@ class StopAfter(Reporter):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("method", ["simplecil", "finetune"])
+RESUME_SETS = {"simplecil": [], "finetune": ["method.epochs=1"],
+               "care": ["method.tuned_epoch=2", "method.crct_epochs=1"]}
+
+
+@pytest.mark.parametrize("method", sorted(RESUME_SETS))
 def test_resume_gives_the_uninterrupted_matrix(tmp_path, method):
-    sets = ["method.epochs=1"] if method == "finetune" else []
+    sets = RESUME_SETS[method]
     full = matrix(run(method, tmp_path, name="full", sets=sets))
     r = resolve(RunRequest(method, "tiny-3", out=str(tmp_path), name="cut", sets=sets))
     with pytest.raises(KeyboardInterrupt):

@@ -1,0 +1,106 @@
+"""Sparse (CLS-first) dispatch computes the dense reference function (spec methods.md §5.2)."""
+import copy
+
+import pytest
+import torch
+
+from methods.common.brmoe import BRMoE, BRMoEConfig
+
+
+def paired(n_tasks, seed=0, dim=16, sizes=None):
+    torch.manual_seed(seed)
+    dense = BRMoE(dim, BRMoEConfig(expert_dim=4, shared_dim=6, dropout=0.0, dispatch="dense"))
+    for t in range(n_tasks):
+        dense.add_task(sizes[t] if sizes else (5 if t == 0 else 3))
+    with torch.no_grad():  # trained-looking weights: no zero scales, well separated entropies
+        for p in dense.parameters():
+            p.normal_(0, 0.5)
+    sparse = copy.deepcopy(dense)
+    object.__setattr__(sparse, "cfg", BRMoEConfig(expert_dim=4, shared_dim=6, dropout=0.0, dispatch="sparse"))
+    return dense, sparse
+
+
+@pytest.mark.parametrize("n_tasks", [1, 2, 10, 60])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_sparse_equals_dense(n_tasks, mode):
+    dense, sparse = paired(n_tasks)
+    for m in (dense, sparse):
+        m.train(mode == "train")
+    x = torch.randn(6, 9, 16)
+    tasks = [None] if mode == "eval" else []
+    tasks += [n_tasks - 1] + ([n_tasks // 2] if n_tasks > 2 else [])
+    for task in tasks:
+        with torch.no_grad():
+            out_d, lat_d = dense(x, task)
+            out_s, lat_s = sparse(x, task)
+        torch.testing.assert_close(out_s, out_d, rtol=1e-5, atol=1e-5)
+        if task is not None:
+            torch.testing.assert_close(lat_s, lat_d, rtol=1e-5, atol=1e-5)
+        # routing decisions agree
+        cls_d = torch.stack([e(x[:, :1])[:, 0] for e in dense.experts[: (task + 1 if task is not None else n_tasks)]], 1)
+        assert torch.equal(dense.select_routers(cls_d, task), sparse.select_routers(cls_d, task))
+
+
+def test_sparse_gradients_match_dense_in_training():
+    dense, sparse = paired(10)
+    x = torch.randn(4, 7, 16)
+    grads = []
+    for m in (dense, sparse):
+        m.train()
+        out, latent = m(x, 9)
+        (out.square().mean() + latent.square().mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_ragged_and_unequal_perceptrons():
+    dense, sparse = paired(6, sizes=[7, 3, 3, 3, 3, 2])
+    dense.eval(), sparse.eval()
+    x = torch.randn(5, 4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x, None)[0], dense(x, None)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_follows_new_tasks_and_loaded_weights():
+    dense, sparse = paired(3)
+    sparse.eval()
+    x = torch.randn(2, 4, 16)
+    with torch.no_grad():
+        sparse(x, None)                                  # fills the cache
+        sparse.load_state_dict(dense.state_dict())       # same values, but must invalidate
+        for p in dense.experts[0].parameters():
+            p.add_(0.3)
+        sparse.load_state_dict(dense.state_dict())
+        dense.eval()
+        torch.testing.assert_close(sparse(x, None)[0], dense(x, None)[0], rtol=1e-5, atol=1e-5)
+
+
+def saved_activation_bytes(moe, x, task):
+    ptrs = {p.untyped_storage().data_ptr() for p in moe.parameters()}
+    moe(x, task)  # fill the frozen-stack cache, then count what autograd keeps besides parameters
+    ptrs |= {t.untyped_storage().data_ptr() for _, ts in moe._cache.values() if ts is not None for t in ts}
+    total = [0]
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in ptrs:
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        moe(x, task)
+    return total[0]
+
+
+def test_sparse_training_activations_do_not_grow_with_tasks():
+    x = torch.randn(32, 9, 16)
+    sizes = {}
+    for n_tasks in (10, 80):
+        dense, sparse = paired(n_tasks)
+        dense.train(), sparse.train()
+        sizes[n_tasks] = (saved_activation_bytes(sparse, x, n_tasks - 1), saved_activation_bytes(dense, x, n_tasks - 1))
+    sparse_growth = sizes[80][0] / sizes[10][0]
+    dense_growth = sizes[80][1] / sizes[10][1]
+    assert sparse_growth < 1.1          # only the B·M·T router softmax rows grow
+    assert dense_growth > 4             # the released path keeps the (B, T, N, d) stack
