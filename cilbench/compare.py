@@ -1,12 +1,16 @@
 """Read run folders and aggregate them into leaderboards.
 
-Runs are grouped by (benchmark, method). Finished runs of a group are aggregated over seeds as
+Runs are grouped by (benchmark, method). Runs of one method whose settings differ (e.g. CaRE with
+``ca_stats = "lowrank"`` beside the default) are told apart: the method is labelled with the
+differing settings, ``care (method.ca_stats=lowrank)``, and each variant gets its own row. Finished runs of a group are aggregated over seeds as
 mean ± sample standard deviation (ddof = 1; blank for a single seed). Unfinished runs are never
 averaged with finished ones: each appears on its own row, marked "incomplete (k/T)".
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +48,40 @@ class Run:
     values: dict[str, float]
     acc_curve: np.ndarray     # A_t per task (NaN = not evaluated)
     matrix: np.ndarray        # a[t][j]
+    settings: dict = field(default_factory=dict)   # flattened method/backbone settings of the run
+
+
+SETTING_SECTIONS = ("method_config", "backbone")
+
+
+def _settings(path: Path) -> dict:
+    cfg_file = path / "config.toml"
+    if not cfg_file.exists():
+        return {}
+    cfg = tomllib.loads(cfg_file.read_text())
+    return {f"{'method' if sec == 'method_config' else sec}.{k}": v
+            for sec in SETTING_SECTIONS for k, v in cfg.get(sec, {}).items()}
+
+
+def label_variants(runs: list[Run]) -> list[Run]:
+    """Rename runs of the same (benchmark, method) whose settings differ to ``method (k=v, ...)``,
+    with the settings that differ within the group (keys every run of the group records)."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.benchmark, r.method), []).append(r)
+    out = []
+    for r in runs:
+        group = groups[(r.benchmark, r.method)]
+        keys = set.intersection(*(set(g.settings) for g in group)) if group else set()
+        differing = sorted(k for k in keys if len({repr(g.settings[k]) for g in group}) > 1)
+        if differing:
+            r = replace(r, method=f"{r.method} (" + ", ".join(f"{k}={r.settings[k]}" for k in differing) + ")")
+        out.append(r)
+    return out
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^\w.=+-]+", "_", text).strip("_")
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -78,11 +116,12 @@ def load_run(path: Path) -> Run:
               "train_s": s["learn_s_total"], "eval_s": s["eval_s_total"], "peak_mem_mb": s["peak_mem_mb"]}
     values = {k: (np.nan if v is None else float(v)) for k, v in values.items()}
     return Run(path, s["benchmark"], s["method"], int(s["seed"]), s["status"] == "finished",
-               m["tasks_done"], n, values, curve, matrix)
+               m["tasks_done"], n, values, curve, matrix, _settings(path))
 
 
 def leaderboard(runs: list[Run]) -> pd.DataFrame:
-    """One row per (benchmark, method) over finished seeds, plus one row per unfinished run."""
+    """One row per (benchmark, method variant) over finished seeds, plus one row per unfinished run."""
+    runs = label_variants(runs)
     rows = []
     frame = pd.DataFrame([{"benchmark": r.benchmark, "method": r.method, "seed": r.seed,
                            "finished": r.finished, "tasks_done": r.tasks_done, "n_tasks": r.n_tasks,
@@ -152,6 +191,7 @@ def write_comparison(runs: list[Run], out: Path, with_published: bool = False) -
     from cilbench.metrics import forgetting_curve
     from cilbench.report import cost_vs_accuracy, heatmap, method_colors, method_curves
 
+    runs = label_variants(runs)
     board = leaderboard(runs)
     if with_published:
         board = pd.concat([board, published(sorted(set(board.benchmark)) or None)], ignore_index=True)
@@ -179,5 +219,5 @@ def write_comparison(runs: list[Run], out: Path, with_published: bool = False) -
                                       plots / f"{bench}_cost", colors=colors)
         for r in group:
             files += heatmap(r.matrix, f"{r.method} on {bench} (seed {r.seed})",
-                             plots / "heatmaps" / f"{bench}__{r.method}__s{r.seed}")
+                             plots / "heatmaps" / slug(f"{bench}__{r.method}__s{r.seed}"))
     return table, files

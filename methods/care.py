@@ -12,6 +12,8 @@ Faithful to the released code (``LMMMEng/CaRE`` d90800a) as described in spec me
   init_lr/2 → min_lr), statistics again + CA. Each stage of t ≥ 1 re-anchors the shared adapter.
 - Class statistics from the training-path forward (current router forced), test transform, fp32;
   mean and covariance (+1e-4·I) or diagonal variance. Old classes' statistics are never recomputed.
+  Compact storage (``ca_stats = "lowrank"`` with ``ca_rank``, ``"shared"``, ``ca_dtype = "float16"``)
+  is a cilbench option, see ``methods/common/class_gaussians.py``.
 - CA: per seen class 5·batch pseudo-features from N(μ̃_c, Σ_c), CE(s·cos) over all seen classes, SGD
   ``ca_lr``, CosineAnnealingLR(T_max=5) whatever ``crct_epochs`` is.
 - ``decay`` scales sampling means with the released code's negative task size (default, to reproduce
@@ -38,6 +40,7 @@ from cilbench.data.base import Batch
 from cilbench.method import Method, Task
 from cilbench.registry import register_method
 from methods.common.brmoe import BRMoE, BRMoEConfig, entropy
+from methods.common.class_gaussians import ClassGaussians
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,9 @@ class CaREConfig:
     aux_weight: float = 1.0
     crct_epochs: int = 3
     ca_lr: float = 0.005
-    ca_stats: Literal["covariance", "variance"] = "covariance"
+    ca_stats: Literal["covariance", "variance", "lowrank", "shared"] = "covariance"
+    ca_rank: int = 32                  # lowrank: principal directions kept per class
+    ca_dtype: Literal["float32", "float16"] = "float32"   # storage of the covariance factors
     ca_samples_per_class: int = 0      # 0 = 5 * batch_size (released)
     decay: bool = True
     decay_fix: bool = False
@@ -75,7 +80,7 @@ class CaREConfig:
     def __post_init__(self):
         for key in ("tuned_epoch", "crct_epochs", "ca_samples_per_class", "max_iter_pred_task"):
             check_range(f"method.{key}", getattr(self, key), 0)
-        for key in ("batch_size", "expert_dim", "adapter_dim", "topk_experts", "topk_routers"):
+        for key in ("batch_size", "expert_dim", "adapter_dim", "topk_experts", "topk_routers", "ca_rank"):
             check_range(f"method.{key}", getattr(self, key), 1)
         check_range("method.init_lr", self.init_lr, 0.0)
         check_range("method.ema_mu", self.ema_mu, 0.0, 1.0)
@@ -158,11 +163,7 @@ class CaRE(Method):
         self.hooks = CaREHooks(self.moes)
         self.fc = CosineHeads(backbone.embed_dim).to(dev)
         self.task_sizes: list[int] = []
-        self._scale_cache: torch.Tensor | None = None   # per-class Cholesky factors for CA sampling
-        self._scale_valid = 0
-        self.means = torch.zeros(0, backbone.embed_dim, device=dev)
-        self.covs = torch.zeros(0, *((backbone.embed_dim,) * (2 if self.cfg.ca_stats == "covariance" else 1)),
-                                device=dev)
+        self.gaussians = ClassGaussians(backbone.embed_dim, self.cfg.ca_stats, self.cfg.ca_rank, self.cfg.ca_dtype, dev)
 
     # ---- structure ------------------------------------------------------------------------
     @property
@@ -265,47 +266,16 @@ class CaRE(Method):
             batch = batch.to(self.ctx.device)
             feats.append(self.features(batch.images, task.index).float())
             labels.append(batch.labels)
-        feats, labels = torch.cat(feats), torch.cat(labels)
-        d = feats.shape[1]
-        means, covs = [], []
-        for cls in task.classes:
-            x = feats[labels == cls]
-            means.append(x.mean(0))
-            cov = torch.cov(x.T) if len(x) > 1 else torch.zeros(d, d, device=x.device)
-            cov = cov + 1e-4 * torch.eye(d, device=x.device)
-            covs.append(cov if self.cfg.ca_stats == "covariance" else cov.diagonal())
-        if self.means.shape[0] < task.stop:
-            grow = task.stop - self.means.shape[0]
-            self.means = torch.cat([self.means, self.means.new_zeros(grow, d)])
-            self.covs = torch.cat([self.covs, self.covs.new_zeros(grow, *self.covs.shape[1:])])
-        self.means[task.start:task.stop] = torch.stack(means)
-        self.covs[task.start:task.stop] = torch.stack(covs)
+        self.gaussians.fit(range(task.start, task.stop), torch.cat(feats), torch.cat(labels))
 
     def _sampling_means(self, task: Task) -> torch.Tensor:
         n = task.stop
+        means = self.gaussians.means[:n]
         if not self.cfg.decay:
-            return self.means[:n]
+            return means
         task_of_class = torch.repeat_interleave(torch.arange(len(self.task_sizes)), torch.tensor(self.task_sizes))
         f = decay_factors(n, task.start, task.stop, task.index, task_of_class, self.cfg.decay_fix)
-        return self.means[:n] * f.to(self.means)[:, None]
-
-    def _sampling_scale(self, n_seen: int) -> torch.Tensor:
-        """Cholesky factors (or standard deviations) of classes 0..n_seen-1, cached: a class's
-        covariance is final once its own task ends, so only the current task's are refactorised."""
-        valid = min(self._scale_valid, self.cur_task_start)       # rows of finished tasks
-        if self._scale_cache is None or self._scale_cache.shape[0] < n_seen:
-            grown = self.covs.new_zeros(n_seen, *self.covs.shape[1:])
-            if self._scale_cache is not None:
-                grown[:valid] = self._scale_cache[:valid]
-            self._scale_cache = grown
-        covs = self.covs[valid:n_seen].float()
-        self._scale_cache[valid:n_seen] = torch.linalg.cholesky(covs) if covs.dim() == 3 else covs.sqrt()
-        self._scale_valid = n_seen
-        return self._scale_cache[:n_seen]
-
-    @property
-    def cur_task_start(self) -> int:
-        return sum(self.task_sizes[:-1])
+        return means * f.to(means)[:, None]
 
     def _align(self, task: Task) -> None:
         """Classifier alignment on pseudo-features sampled from the per-class Gaussians."""
@@ -314,16 +284,13 @@ class CaRE(Method):
         n_seen = task.stop
         per_class = c.ca_samples_per_class or 5 * c.batch_size
         mu = self._sampling_means(task).float()
-        scale = self._sampling_scale(n_seen)
         opt = torch.optim.SGD(self.fc.parameters(), lr=c.ca_lr, momentum=0.9, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
         labels_all = torch.arange(n_seen, device=mu.device).repeat(per_class)
         for _ in range(c.crct_epochs):
-            eps = torch.randn(n_seen, per_class, mu.shape[1], device=mu.device)
-            # x_c = μ̃_c + L_c ε (covariance) or μ̃_c + σ_c ⊙ ε (variance): one batched matmul, no
-            # per-sample copy of L_c (torch.distributions.MultivariateNormal broadcasts one per sample)
-            x = torch.bmm(eps, scale.transpose(1, 2)) if scale.dim() == 3 else eps * scale[:, None]
-            x = (x + mu[:, None]).transpose(0, 1).reshape(-1, mu.shape[1])   # (per_class*C, d), class-minor
+            # batched matmuls over stored factors, no per-sample copy of L_c (MultivariateNormal would)
+            x = self.gaussians.sample(mu, per_class)
+            x = x.transpose(0, 1).reshape(-1, mu.shape[1])                    # (per_class*C, d), class-minor
             order = torch.randperm(len(x), device=x.device)
             x, y = x[order], labels_all[order]
             for chunk in torch.arange(len(x), device=x.device).split(5 * c.batch_size):
@@ -360,16 +327,16 @@ class CaRE(Method):
         return [self.backbone, self.moes, self.fc]
 
     def stored_tensors(self):
-        return [self.means, self.covs]
+        g = self.gaussians
+        return [g.means, g.scale, g.noise]
 
     def state_dict(self) -> dict[str, Any]:
         return {"task_sizes": list(self.task_sizes), "moes": self.moes.state_dict(), "fc": self.fc.state_dict(),
-                "means": self.means.cpu(), "covs": self.covs.cpu()}
+                "gaussians": self.gaussians.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for n in state["task_sizes"][len(self.task_sizes):]:
             self.add_task(n)
         self.moes.load_state_dict(state["moes"])
         self.fc.load_state_dict(state["fc"])
-        self.means, self.covs = state["means"].to(self.ctx.device), state["covs"].to(self.ctx.device)
-        self._scale_cache, self._scale_valid = None, 0
+        self.gaussians.load_state_dict(state["gaussians"])

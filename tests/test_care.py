@@ -169,7 +169,8 @@ def test_old_triplets_stay_fixed_and_alignment_trains_old_heads():
             for k, v in mod.state_dict().items():
                 assert torch.equal(v, ref[k]), k
     assert not torch.equal(head0, method.fc.heads[0])
-    assert method.means.shape == (8, 128) and method.covs.shape == (8, 128, 128)
+    g = method.gaussians
+    assert g.means.shape == (8, 128) and g.scale.shape == (8, 128, 128)
 
 
 @pytest.mark.parametrize("iter_pred", [True, False])

@@ -36,9 +36,12 @@ def test_sparse_equals_dense(n_tasks, mode):
         torch.testing.assert_close(out_s, out_d, rtol=1e-5, atol=1e-5)
         if task is not None:
             torch.testing.assert_close(lat_s, lat_d, rtol=1e-5, atol=1e-5)
-        # routing decisions agree
+        # routing decisions agree: the same routers, and the same experts carry the mixture weight
         cls_d = torch.stack([e(x[:, :1])[:, 0] for e in dense.experts[: (task + 1 if task is not None else n_tasks)]], 1)
-        assert torch.equal(dense.select_routers(cls_d, task), sparse.select_routers(cls_d, task))
+        assert torch.equal(dense.select_routers(cls_d, task), sparse.last_selected)
+        weights = dense.expert_weights(cls_d, sparse.last_selected)
+        used = weights.topk(sparse.last_experts.shape[1], dim=1).indices
+        assert torch.equal(used.sort(1).values, sparse.last_experts.sort(1).values)
 
 
 def test_sparse_gradients_match_dense_in_training():
@@ -80,7 +83,7 @@ def test_cache_follows_new_tasks_and_loaded_weights():
 def saved_activation_bytes(moe, x, task):
     ptrs = {p.untyped_storage().data_ptr() for p in moe.parameters()}
     moe(x, task)  # fill the frozen-stack cache, then count what autograd keeps besides parameters
-    ptrs |= {t.untyped_storage().data_ptr() for _, ts in moe._cache.values() if ts is not None for t in ts}
+    ptrs |= {t.untyped_storage().data_ptr() for t in moe.cached_tensors()}
     total = [0]
 
     def pack(t):

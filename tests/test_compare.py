@@ -115,3 +115,18 @@ def test_cli_compare_and_show(results, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "leaderboard" in out and "beta" in out and "incomplete" in out
     assert main(["compare", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_runs_with_different_settings_are_separate_rows(tmp_path):
+    """Two variants of one method: the seeds of each are aggregated, the variants never mixed."""
+    for seed, a, acc in ((1, A1, [90.0, 75.0, 73.0]), (2, A2, [80.0, 75.0, 67.0])):
+        for stats in ("covariance", "lowrank"):
+            path = make_run(tmp_path / stats, "b3", "care", seed, a, acc if stats == "covariance" else [1.0, 2.0, 3.0])
+            (path / "config.toml").write_text(f'[method_config]\nca_stats = "{stats}"\nlr = 0.1\n'
+                                              f'[run]\nseed = {seed}\n')
+    board = leaderboard([load_run(p) for p in find_runs([tmp_path / "covariance", tmp_path / "lowrank"])])
+    assert sorted(board.method) == ["care (method.ca_stats=covariance)", "care (method.ca_stats=lowrank)"]
+    cov = board[board.method == "care (method.ca_stats=covariance)"].iloc[0]
+    assert cov.n_seeds == 2 and cov.last_acc == pytest.approx(70.0)
+    low = board[board.method == "care (method.ca_stats=lowrank)"].iloc[0]
+    assert low.n_seeds == 2 and low.last_acc == pytest.approx(3.0)

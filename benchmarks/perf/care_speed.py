@@ -135,8 +135,7 @@ def run_arch(arch: str, tasks: list[int], batch: int, device: torch.device, repe
                 row["vs_backbone"] = row["img_per_s"] / ref
                 if mode == "train":
                     ptrs = {p.untyped_storage().data_ptr() for p in moes.parameters()}
-                    ptrs |= {t.untyped_storage().data_ptr() for m in moes for _, ts in m._cache.values()
-                             if ts is not None for t in ts}
+                    ptrs |= {t.untyped_storage().data_ptr() for m in moes for t in m.cached_tensors()}
                     acts, par = saved_bytes(fn, ptrs)
                     row["saved_activation_mb"], row["saved_param_mb"] = acts / 2**20, par / 2**20
                 rows.append(row)

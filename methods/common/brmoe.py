@@ -16,13 +16,15 @@ training-mode forward θ ← μ·θ̂ + (1-μ)·θ, with θ̂ taken at the start
 dropped when the module enters eval mode.
 Two dispatch paths compute the same function (spec §5.2):
 - ``dense`` (the released code): every expert runs on every token; the (B, E, N, d) stack is kept.
-- ``sparse``: all experts on the CLS row only (one batched matmul over stacked, LayerNorm-folded
-  expert weights), routing from those rows, then only the <= M·K experts with weight on the other
-  tokens. The CLS rows used for routing are also the CLS row of the mixture. Experts outside the
-  selected top-K get weight e^-100 ≈ 3.7e-44 in the released code; the sparse path drops them
-  (the -inf semantics), which is below float32 resolution unless the top router logit is < ≈ -78.
-  Old experts' stacked weights are cached (they are frozen), so cost and activations no longer
-  grow with the number of tasks beyond the CLS rows and the selected routers.
+- ``sparse``: every expert's r-dim hidden state on the CLS row only (one matmul over stacked,
+  LayerNorm-folded expert weights); perceptron entropies and router logits computed from those
+  hidden states with the frozen experts folded into their perceptrons and routers
+  (``folded_experts.py``), so the (B, E, d) stack of CLS outputs is never formed; then only the
+  <= M·K experts with weight run on all tokens. Experts outside the selected top-K get weight
+  e^-100 ≈ 3.7e-44 in the released code; the sparse path drops them (the -inf semantics), which is
+  below float32 resolution unless the top router logit is < ≈ -78. Frozen experts' folded stacks
+  are cached, so cost and activations no longer grow with the number of tasks beyond B·T·r hidden
+  numbers and the selected routers' rows.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.common.adapters import Adapter, average_into
+from methods.common.folded_experts import (FoldedExperts, entropy, fold, fold_adapters, hidden,
+                                           perceptron_logits_entropy, router_logits)
 
 
 @dataclass(frozen=True)
@@ -50,12 +54,6 @@ class BRMoEConfig:
     dispatch: Literal["sparse", "dense"] = "sparse"
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H = -Σ p log(p + 1e-10), p = softmax(logits) (the released formula)."""
-    p = logits.float().softmax(-1)
-    return -(p * torch.log(p + 1e-10)).sum(-1)
-
-
 class BRMoE(nn.Module):
     def __init__(self, dim: int, cfg: BRMoEConfig):
         super().__init__()
@@ -67,6 +65,9 @@ class BRMoE(nn.Module):
         self._anchor: list[torch.Tensor] | None = None
         self._version = 0            # bumped when experts or perceptrons change structure/values
         self._cache: dict = {}
+        # the last forward's routing decisions (sparse path), for diagnostics and tests
+        self.last_selected: torch.Tensor | None = None
+        self.last_experts: torch.Tensor | None = None
 
     @property
     def n_tasks(self) -> int:
@@ -119,8 +120,6 @@ class BRMoE(nn.Module):
     # ---- forward --------------------------------------------------------------------------
     def entropies(self, cls_rows: torch.Tensor, upto: int) -> torch.Tensor:
         """(B, upto) perceptron entropies of tasks 0..upto-1 from their experts' CLS rows."""
-        if self.cfg.dispatch == "sparse":
-            return self._grouped_entropies(cls_rows, upto)
         cols = [entropy(self.perceptrons[e](cls_rows[:, e])) for e in range(upto)]
         return self._normalise(torch.stack(cols, 1), upto)
 
@@ -131,19 +130,9 @@ class BRMoE(nn.Module):
         return h / sizes.log()
 
     def select_routers(self, cls_rows: torch.Tensor, task: int | None) -> torch.Tensor:
-        """(B, |S|) indices of the routers used per sample."""
-        b = cls_rows.shape[0]
-        m = self.cfg.topk_routers
-        if task is None:
-            n = cls_rows.shape[1]
-            k = min(m, n)
-            return torch.topk(-self.entropies(cls_rows, n), k, dim=1).indices
-        forced = torch.full((b, 1), task, dtype=torch.long, device=cls_rows.device)
-        k = min(m - 1, task)
-        if k <= 0:
-            return forced
-        prev = torch.topk(-self.entropies(cls_rows, task), k, dim=1).indices
-        return torch.cat([forced, prev], 1)
+        """(B, |S|) indices of the routers used per sample, from the experts' CLS rows (B, E, d)."""
+        return self._select(lambda upto: self.entropies(cls_rows, upto), cls_rows.shape[1], task,
+                            cls_rows.shape[0], cls_rows.device)
 
     def expert_weights(self, cls_rows: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         """(B, E) mixture weights: per selected router top-K softmax, summed over routers."""
@@ -172,133 +161,111 @@ class BRMoE(nn.Module):
         return mixed + self.shared(x), latent
 
     # ---- sparse dispatch --------------------------------------------------------------------
-    def _stacks(self, kind: str, modules: list[nn.Module], n: int, build) -> tuple[list | None, list | None]:
-        """(frozen, live) stacked tensors of modules[:n]. Frozen modules come from a cache, rebuilt only
-        when the structure changes; the trainable one (only the newest can be: ``add_task`` freezes
-        the rest) is built live so gradients reach it."""
-        n_frozen = len(modules)
-        if modules and any(p.requires_grad for p in modules[-1].parameters()):
+    def _folded(self) -> FoldedExperts | None:
+        """The folded stacks of the frozen experts (all but a trainable newest one), rebuilt only
+        when the structure or the weights change (``add_task``, ``load_state_dict``, freezing)."""
+        n_frozen = self.n_tasks
+        if n_frozen and any(p.requires_grad for p in self.experts[-1].parameters()):
             n_frozen -= 1
         key = (self._version, n_frozen, self.shared.scale.device)
-        cached = self._cache.get(kind)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, build(modules[:n_frozen]) if n_frozen else None)
-            self._cache[kind] = cached
-        frozen = [t[:n] for t in cached[1]] if cached[1] is not None and n > 0 else None
-        live = build(modules[n_frozen:n]) if n > n_frozen else None
-        return frozen, live
+        if self._cache.get("key") != key:
+            self._cache = {"key": key, "folded": fold(list(self.experts[:n_frozen]), list(self.routers[:n_frozen]),
+                                                       list(self.perceptrons[:n_frozen])) if n_frozen else None}
+        return self._cache["folded"]
 
-    @staticmethod
-    def _fold_experts(experts: list[Adapter]) -> list[torch.Tensor]:
-        """Fold each expert's LayerNorm affine into W_down and its scale into W_up:
-        A(x) = W2 · Dropout(ReLU(W1 · norm(x) + b1)) + b2, with norm(x) the affine-free LayerNorm."""
-        w1 = torch.stack([e.down.weight * e.ln.weight[None, :] for e in experts])          # (E, r, d)
-        b1 = torch.stack([e.down.weight @ e.ln.bias + e.down.bias for e in experts])       # (E, r)
-        w2 = torch.stack([e.up.weight * e.scale[:, None] for e in experts])                # (E, d, r)
-        b2 = torch.stack([e.up.bias * e.scale for e in experts])                           # (E, d)
-        return [w1, b1, w2, b2]
-
-    @staticmethod
-    def _stack_perceptrons(perceptrons: list[nn.Module]) -> list[torch.Tensor]:
-        return [torch.stack([p[0].weight for p in perceptrons]), torch.stack([p[0].bias for p in perceptrons])]
-
-    @staticmethod
-    def _stack_linears(linears: list[nn.Linear]) -> list[torch.Tensor]:
-        return [torch.stack([m.weight for m in linears]), torch.stack([m.bias for m in linears])]
-
-    @staticmethod
-    def _joined(frozen: list | None, live: list | None) -> list[torch.Tensor]:
-        if frozen is None or live is None:
-            return frozen if live is None else live
-        return [torch.cat([f, l]) for f, l in zip(frozen, live)]
-
-    @torch.no_grad()
-    def _grouped_entropies(self, cls_rows: torch.Tensor, upto: int) -> torch.Tensor:
-        """Entropies of perceptrons 0..upto-1, one batched matmul per distinct output size.
-        Routing is not differentiable, so this runs without autograd."""
-        b, d = cls_rows.shape[0], cls_rows.shape[2]
-        out = cls_rows.new_empty(b, upto, dtype=torch.float32)
-        ln_w, ln_b = self._joined(*self._stacks("perceptron_ln", list(self.perceptrons), upto, self._stack_perceptrons))
-        normed = F.layer_norm(cls_rows[:, :upto], (d,), eps=self.perceptrons[0][0].eps) * ln_w + ln_b
-        sizes = [p[1].out_features for p in self.perceptrons]
-        for size in sorted(set(sizes[:upto])):
-            group = [e for e, g in enumerate(sizes) if g == size]      # over all tasks: a stable cache
-            idx = [e for e in group if e < upto]                        # a prefix of the group
-            w, bias = self._joined(*self._stacks(f"perceptron_fc{size}", [self.perceptrons[e][1] for e in group],
-                                                 len(idx), self._stack_linears))
-            out[:, idx] = entropy(torch.einsum("bnd,ngd->bng", normed[:, idx], w) + bias)
-        return self._normalise(out, upto)
-
-    def _sparse_router_logits(self, cls_rows: torch.Tensor, live_row: torch.Tensor | None,
-                              selected: torch.Tensor) -> torch.Tensor:
-        """(B, |S|, E) logits of the selected routers only; a loop over the distinct routers
-        selected in the batch (at most B·M, independent of the number of tasks). ``cls_rows`` is
-        detached; the trainable router reads the live expert's row so its gradient flows."""
-        b, n_exp = cls_rows.shape[:2]
-        logits = torch.full((b, selected.shape[1], n_exp), float("-inf"), device=cls_rows.device)
-        for r in torch.unique(selected).tolist():
-            bi, si = (selected == r).nonzero(as_tuple=True)
-            src = live_row[bi, 0] if live_row is not None and r == n_exp - 1 else cls_rows[bi, r]
-            logits[bi, si, : r + 1] = self.routers[r](src).float()
-        return logits
-
-    @staticmethod
-    def _expert_rows(normed_cls: torch.Tensor, w1, b1, w2, b2, p: float, training: bool) -> torch.Tensor:
-        """(B, E, d) outputs of the stacked experts on one (normalised) token per sample."""
-        h = F.dropout(torch.relu(torch.einsum("bd,erd->ber", normed_cls, w1) + b1), p, training)
-        return torch.einsum("ber,edr->bed", h, w2) + b2
-
-    @staticmethod
-    def _pick(frozen: torch.Tensor | None, live: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
-        """Per-sample gather of expert tensors; the live expert (index = #frozen) is substituted with
-        ``torch.where`` so no stack of all experts ever enters the autograd graph."""
-        if live is None:
-            return frozen[idx]
-        if frozen is None:
-            return live[idx.clamp(max=0)]
-        n_frozen = frozen.shape[0]
-        picked = frozen[idx.clamp(max=n_frozen - 1)]
-        is_live = (idx == n_frozen).view(*idx.shape, *([1] * (picked.dim() - idx.dim())))
-        return torch.where(is_live, live[0], picked)
+    def cached_tensors(self) -> list[torch.Tensor]:
+        """Tensors held by the frozen-expert cache (parameter-like: they do not grow with the batch)."""
+        folded = self._cache.get("folded")
+        return folded.tensors() if folded is not None else []
 
     def _forward_sparse(self, x: torch.Tensor, task: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         n_exp = self.n_tasks if task is None else task + 1
-        frozen, live = self._stacks("experts", list(self.experts), n_exp, self._fold_experts)
+        folded = self._folded()
+        n_fz = min(folded.n, n_exp) if folded is not None else 0
+        has_live = n_exp > n_fz                         # then the live expert is index n_fz = n_exp - 1
         p = self.cfg.dropout if self.training else 0.0
         normed = F.layer_norm(x, (x.shape[-1],), eps=self.experts[0].ln.eps)
-        # 1) every expert on the CLS row only; old (frozen) experts without autograd
-        parts, live_row = [], None
-        if frozen is not None:
+        b = x.shape[0]
+        # 1) every expert's hidden state on the CLS row: frozen ones without autograd, one matmul
+        h_fz = None
+        if n_fz:
             with torch.no_grad():
-                parts.append(self._expert_rows(normed[:, 0], *frozen, p, self.training))
-        if live is not None:
-            live_row = self._expert_rows(normed[:, 0], *live, p, self.training)             # (B, 1, d)
-            parts.append(live_row.detach())
-        cls_rows = torch.cat(parts, 1) if len(parts) > 1 else parts[0]                     # (B, E, d), no grad
-        # 2) routing from the CLS rows (selection itself is not differentiable)
-        selected = self.select_routers(cls_rows, task)
-        rows = self._sparse_router_logits(cls_rows, live_row, selected)
+                h_fz = hidden(normed[:, 0], folded.w1[:n_fz], folded.b1[:n_fz], p, self.training)   # (B, F, r)
+        live = h_live = live_row = None
+        if has_live:
+            live = fold_adapters([self.experts[n_fz]])
+            h_live = hidden(normed[:, 0], live[0], live[1], p, self.training)                        # (B, 1, r)
+            live_row = torch.einsum("bor,ord->bod", h_live, live[2]) + live[3]                     # (B, 1, d)
+
+        # 2) routing: entropies and router logits from the hidden states (not differentiable)
+        def entropies(upto: int) -> torch.Tensor:
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                cols = [perceptron_logits_entropy(folded, h_fz, min(upto, n_fz))] if n_fz and upto else []
+                if upto > n_fz:
+                    cols.append(entropy(self.perceptrons[n_fz](live_row[:, 0]))[:, None])
+                return self._normalise(torch.cat(cols, 1), upto)
+
+        selected = self._select(entropies, n_exp, task, b, x.device)
+        self.last_selected = selected
+        rows = x.new_full((b, selected.shape[1], n_exp), float("-inf"), dtype=torch.float32)
+        if n_fz:
+            with torch.no_grad():
+                rows = router_logits(folded, h_fz, selected, n_exp).float()
+        if has_live:
+            is_live = (selected == n_fz)[:, :, None]
+            live_logits = self.routers[n_fz](live_row[:, 0]).float()                                  # (B, n_exp)
+            rows = torch.where(is_live, live_logits[:, None, :], rows)
         k = self.cfg.topk_experts
         if k < n_exp:
             keep = torch.zeros_like(rows, dtype=torch.bool).scatter_(2, rows.detach().topk(k, dim=2).indices, True)
             rows = rows.masked_fill(~keep, float("-inf"))
-        weights = rows.softmax(-1).sum(1)                                                    # (B, E)
-        used = min(n_exp, self.cfg.topk_routers * k)
-        wt, idx = weights.topk(used, dim=1)                                                  # (B, U)
-        # 3) mixture: CLS row from the routing rows, other tokens from the selected experts only
-        picked_rows = cls_rows.gather(1, idx[:, :, None].expand(-1, -1, cls_rows.shape[2]))  # (B, U, d)
-        if live_row is not None:
-            picked_rows = torch.where((idx == n_exp - 1)[:, :, None], live_row, picked_rows)
-        first = torch.einsum("bu,bud->bd", wt.to(picked_rows.dtype), picked_rows)[:, None]
-        f = frozen if frozen is not None else [None] * 4
-        l_ = live if live is not None else [None] * 4
-        w1, b1, w2, b2 = (self._pick(fr, lv, idx) for fr, lv in zip(f, l_))
-        h = torch.einsum("bnd,burd->bunr", normed[:, 1:], w1) + b1[:, :, None]
-        h = F.dropout(torch.relu(h), p, self.training) * wt[:, :, None, None].to(h.dtype)
-        rest = torch.einsum("bunr,budr->bnd", h, w2) + torch.einsum("bu,bud->bd", wt.to(b2.dtype), b2)[:, None]
+        weights = rows.softmax(-1).sum(1)                                                           # (B, E)
+        wt, idx = weights.topk(min(n_exp, self.cfg.topk_routers * k), dim=1)                       # (B, U)
+        self.last_experts = idx
+
+        # 3) mixture: only the <= M·K selected experts; the CLS row reuses the routing hidden states
+        mixed = self._frozen_mixture(folded, normed, h_fz, wt, idx, n_fz, p) if n_fz else 0
+        if has_live:  # the trainable expert on all tokens, weighted by its (differentiable) weight
+            wt_live = (wt * (idx == n_fz)).sum(1)[:, None, None]                                       # (B, 1, 1)
+            h = F.dropout(torch.relu(normed[:, 1:] @ live[0][0].T + live[1][0]), p, self.training)
+            rest = h @ live[2][0] + live[3][0]
+            mixed = mixed + wt_live * torch.cat([live_row, rest], 1)
         latent = None
         if task is not None:
-            own = live_row[:, 0] if live_row is not None and task == n_exp - 1 else cls_rows[:, task]
+            if task == n_fz and has_live:
+                own = live_row[:, 0]
+            else:
+                own = h_fz[:, task] @ folded.w2t[task] + folded.b2[task]
             latent = self.perceptrons[task](own)
-        return torch.cat([first, rest], 1) + self.shared(x), latent
+        return mixed + self.shared(x), latent
+
+    def _frozen_mixture(self, f: FoldedExperts, normed: torch.Tensor, h_fz: torch.Tensor, wt: torch.Tensor,
+                        idx: torch.Tensor, n_fz: int, p: float) -> torch.Tensor:
+        """Σ_u wt_u · E_idx_u(x) over the selected frozen experts (slots holding the live expert get
+        weight 0): per-sample weights gathered as contiguous rows, then two batched matmuls."""
+        b, u = idx.shape
+        r, d = f.w1.shape[1:]
+        wt = wt.masked_fill(idx >= n_fz, 0).to(normed.dtype)
+        flat = idx.clamp(max=n_fz - 1).flatten()
+        w1 = f.w1.index_select(0, flat).view(b, u * r, d)
+        w2t = f.w2t.index_select(0, flat).view(b, u * r, d)
+        b1 = f.b1.index_select(0, flat).view(b, 1, u * r)
+        bias = (wt[:, :, None] * f.b2.index_select(0, flat).view(b, u, d)).sum(1, keepdim=True)  # (B, 1, d)
+        wt_r = wt.repeat_interleave(r, 1)[:, None]                                                  # (B, 1, U·r)
+        h = F.dropout(torch.relu(torch.baddbmm(b1, normed[:, 1:], w1.transpose(1, 2))), p, self.training)
+        rest = torch.bmm(h * wt_r, w2t)
+        h_cls = h_fz.gather(1, flat.view(b, u, 1).expand(-1, -1, r)).reshape(b, 1, u * r)
+        first = torch.bmm(h_cls * wt_r, w2t)
+        return torch.cat([first, rest], 1) + bias
+
+    def _select(self, entropies, n_exp: int, task: int | None, b: int, device) -> torch.Tensor:
+        """(B, |S|) routers per sample: the M lowest entropies, or the current task's router plus
+        the M-1 lowest among earlier tasks in training (the same rule as ``select_routers``)."""
+        m = self.cfg.topk_routers
+        if task is None:
+            return torch.topk(-entropies(n_exp), min(m, n_exp), dim=1).indices
+        forced = torch.full((b, 1), task, dtype=torch.long, device=device)
+        k = min(m - 1, task)
+        if k <= 0:
+            return forced
+        return torch.cat([forced, torch.topk(-entropies(task), k, dim=1).indices], 1)

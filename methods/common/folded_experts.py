@@ -1,0 +1,144 @@
+"""CaRE's routing computed in the experts' bottleneck space (the sparse dispatch's maths).
+
+An expert's CLS output is y = W2·h + b2 with h = Dropout(ReLU(W1·n + b1)) its r-dim hidden state,
+n the affine-free LayerNorm of the block input's CLS row (LayerNorm affine folded into W1, b1; the
+scale folded into W2, b2). Everything routing needs from y is linear or quadratic in h, so the
+(B, T, d) stack of CLS outputs never has to exist:
+
+- a perceptron LN(y)·g + β → Linear(P, q): with W̃ = W2 − 1·mean_d(W2) and b̃ = b2 − mean(b2)
+  (y centred over channels), var(y) = (hᵀ W̃ᵀW̃ h + 2 b̃ᵀW̃ h + ‖b̃‖²)/d and
+  logits = (P·diag(g)·W̃ h + P·diag(g)·b̃) / √(var + ε) + (P β + q);
+- router r reads y_r: logits = (R_r W2_r) h_r + (R_r b2_r + c_r), an (r+1)×r' matrix per router.
+
+Per sample and block that costs T·r·(d + r) instead of 2·T·r·d multiply-adds, and touches T·r
+numbers instead of T·d. Only frozen experts are folded (their weights never change); the trainable
+newest expert is computed directly so its gradients are exact.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of softmax(logits) over the last axis (released: +1e-10 inside the log).
+    The softmax is spelled out: for CaRE's 3-class perceptrons it is twice as fast as ``softmax``."""
+    z = logits.float()
+    e = (z - z.amax(-1, keepdim=True)).exp()
+    p = e / e.sum(-1, keepdim=True)
+    return -(p * torch.log(p + 1e-10)).sum(-1)
+
+
+def fold_adapters(experts: list[nn.Module]) -> tuple[torch.Tensor, ...]:
+    """(W1 (E,r,d), b1 (E,r), W2ᵀ (E,r,d), b2 (E,d)) with LayerNorm affine and scale folded in;
+    both weights row-major in d so per-sample gathers are contiguous rows.
+    Differentiable: used under no_grad for frozen experts and with grad for the live one."""
+    w1 = torch.stack([e.down.weight * e.ln.weight[None, :] for e in experts])
+    b1 = torch.stack([e.down.weight @ e.ln.bias + e.down.bias for e in experts])
+    w2t = torch.stack([(e.up.weight * e.scale[:, None]).T for e in experts])
+    b2 = torch.stack([e.up.bias * e.scale for e in experts])
+    return w1, b1, w2t, b2
+
+
+def hidden(normed_cls: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """(B, E, r) bottleneck states of E experts on one normalised token per sample: one matmul."""
+    e, r, d = w1.shape
+    h = (normed_cls @ w1.reshape(e * r, d).T).view(-1, e, r) + b1
+    return F.dropout(torch.relu(h), p, training)
+
+
+@dataclass
+class PerceptronGroup:
+    """Perceptrons with the same number of classes, folded onto their experts' hidden states."""
+    members: list[int]       # task indices, ascending
+    index: torch.Tensor      # the same on the device
+    weight: torch.Tensor     # (n, c, r)  P·diag(g)·W̃
+    offset: torch.Tensor     # (n, c)     P·diag(g)·b̃
+    bias: torch.Tensor       # (n, c)     P·β + q
+
+
+@dataclass
+class FoldedExperts:
+    """Frozen experts 0..n-1 of one block with their routers and perceptrons, folded."""
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2t: torch.Tensor
+    b2: torch.Tensor
+    gram: torch.Tensor        # (n, r, r)  W̃ᵀW̃ / d
+    cross: torch.Tensor       # (n, r)     2·W̃ᵀb̃ / d
+    const: torch.Tensor       # (n,)       ‖b̃‖² / d
+    router_w: torch.Tensor    # (n, n, r)  [s]: router s composed with expert s, zero-padded
+    router_b: torch.Tensor    # (n, n)     -inf beyond router s's s+1 outputs
+    groups: list[PerceptronGroup]
+    eps: float
+
+    @property
+    def n(self) -> int:
+        return self.w1.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.w1, self.b1, self.w2t, self.b2, self.gram, self.cross, self.const, self.router_w, self.router_b]
+        return out + [t for g in self.groups for t in (g.weight, g.offset, g.bias)]
+
+
+@torch.no_grad()
+def fold(experts: list[nn.Module], routers: list[nn.Linear], perceptrons: list[nn.Sequential]) -> FoldedExperts:
+    w1, b1, w2t, b2 = fold_adapters(experts)
+    n, r, d = w2t.shape
+    w_c = w2t - w2t.mean(2, keepdim=True)                                         # centred over channels
+    b_c = b2 - b2.mean(1, keepdim=True)
+    gram = w_c @ w_c.transpose(1, 2) / d
+    cross = 2 * torch.einsum("nrd,nd->nr", w_c, b_c) / d
+    const = b_c.square().sum(1) / d
+    router_w = w2t.new_zeros(n, n, r)
+    router_b = w2t.new_full((n, n), float("-inf"))
+    for s, router in enumerate(routers):
+        router_w[s, : s + 1] = router.weight @ w2t[s].T
+        router_b[s, : s + 1] = router.weight @ b2[s] + router.bias
+    sizes = torch.tensor([p[1].out_features for p in perceptrons])
+    groups = []
+    for size in sizes.unique().tolist():
+        index = (sizes == size).nonzero().flatten()
+        ln_w = torch.stack([perceptrons[i][0].weight for i in index])             # (k, d)
+        ln_b = torch.stack([perceptrons[i][0].bias for i in index])
+        fc_w = torch.stack([perceptrons[i][1].weight for i in index])             # (k, c, d)
+        fc_b = torch.stack([perceptrons[i][1].bias for i in index])
+        scaled = fc_w * ln_w[:, None, :]
+        groups.append(PerceptronGroup(index.tolist(), index.to(w2t.device), scaled @ w_c[index].transpose(1, 2),
+                                      torch.einsum("kcd,kd->kc", scaled, b_c[index]),
+                                      torch.einsum("kcd,kd->kc", fc_w, ln_b) + fc_b))
+    return FoldedExperts(w1, b1, w2t, b2, gram, cross, const, router_w, router_b, groups, perceptrons[0][0].eps)
+
+
+def perceptron_logits_entropy(f: FoldedExperts, h: torch.Tensor, upto: int) -> torch.Tensor:
+    """(B, upto) entropies of perceptrons 0..upto-1 (all folded) from the hidden states h (B, >=upto, r)."""
+    h = h[:, :upto].float()
+    var = ((torch.einsum("bur,urs->bus", h, f.gram[:upto]) + f.cross[:upto]) * h).sum(-1) + f.const[:upto]
+    inv_std = torch.rsqrt(var.clamp_min(0) + f.eps)                                  # (B, upto)
+    out = h.new_empty(h.shape[0], upto)
+    for g in f.groups:
+        k = bisect.bisect_left(g.members, upto)                                       # members below upto
+        if k == 0:
+            continue
+        idx = g.index[:k]
+        logits = (torch.einsum("bkr,kcr->bkc", h[:, idx], g.weight[:k]) + g.offset[:k]) * inv_std[:, idx, None] + g.bias[:k]
+        out[:, idx] = entropy(logits)
+    return out
+
+
+def router_logits(f: FoldedExperts, h: torch.Tensor, selected: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """(B, S, n_cols) logits of the selected folded routers (indices < f.n) on their experts' hidden
+    states; columns beyond a router's outputs are -inf."""
+    b, s = selected.shape
+    sel = selected.clamp(max=f.n - 1).flatten()
+    cols = min(n_cols, f.n)
+    h_sel = h.gather(1, sel.view(b, s, 1).expand(-1, -1, h.shape[2])).view(b * s, -1, 1)      # (B·S, r, 1)
+    weight = f.router_w.index_select(0, sel)[:, :cols]                                       # (B·S, cols, r)
+    logits = (torch.bmm(weight, h_sel)[:, :, 0] + f.router_b.index_select(0, sel)[:, :cols]).view(b, s, cols)
+    if n_cols > cols:
+        logits = F.pad(logits, (0, n_cols - cols), value=float("-inf"))
+    return logits
