@@ -108,7 +108,11 @@ class CosineHeads(nn.Module):
         return torch.cat(list(self.heads), 0)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return F.normalize(feats.float(), dim=1) @ F.normalize(self.weight(), dim=1).T
+        return cosine(feats, self.weight())
+
+
+def cosine(feats: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.normalize(feats.float(), dim=1) @ F.normalize(weight, dim=1).T
 
 
 class CaREHooks(BlockHooks):
@@ -284,7 +288,11 @@ class CaRE(Method):
         n_seen = task.stop
         per_class = c.ca_samples_per_class or 5 * c.batch_size
         mu = self._sampling_means(task).float()
-        opt = torch.optim.SGD(self.fc.parameters(), lr=c.ca_lr, momentum=0.9, weight_decay=5e-4)
+        # SGD over all heads (released) on one flat copy: the same element-wise update, without
+        # concatenating T head tensors and splitting their gradients at each of ~10^4 steps
+        heads = list(self.fc.heads)
+        flat = nn.Parameter(torch.cat([h.detach() for h in heads]))
+        opt = torch.optim.SGD([flat], lr=c.ca_lr, momentum=0.9, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
         labels_all = torch.arange(n_seen, device=mu.device).repeat(per_class)
         for _ in range(c.crct_epochs):
@@ -293,12 +301,15 @@ class CaRE(Method):
             x = x.transpose(0, 1).reshape(-1, mu.shape[1])                    # (per_class*C, d), class-minor
             order = torch.randperm(len(x), device=x.device)
             x, y = x[order], labels_all[order]
-            for chunk in torch.arange(len(x), device=x.device).split(5 * c.batch_size):
-                loss = F.cross_entropy(c.scale * self.fc(x[chunk]), y[chunk])
+            for xb, yb in zip(x.split(5 * c.batch_size), y.split(5 * c.batch_size)):
+                loss = F.cross_entropy(c.scale * cosine(xb, flat), yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             sched.step()
+        with torch.no_grad():
+            for h, part in zip(heads, flat.split([len(h) for h in heads])):
+                h.copy_(part)
 
     # ---- prediction -----------------------------------------------------------------------
     @torch.no_grad()
