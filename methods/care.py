@@ -338,8 +338,7 @@ class CaRE(Method):
         return [self.backbone, self.moes, self.fc]
 
     def stored_tensors(self):
-        g = self.gaussians
-        return [g.means, g.scale, g.noise]
+        return self.gaussians.tensors()
 
     def state_dict(self) -> dict[str, Any]:
         return {"task_sizes": list(self.task_sizes), "moes": self.moes.state_dict(), "fc": self.fc.state_dict(),

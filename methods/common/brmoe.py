@@ -191,11 +191,11 @@ class BRMoE(nn.Module):
         if n_fz:
             with torch.no_grad():
                 h_fz = hidden(normed[:, 0], folded.w1[:n_fz], folded.b1[:n_fz], p, self.training)   # (B, F, r)
-        live = h_live = live_row = None
-        if has_live:
-            live = fold_adapters([self.experts[n_fz]])
-            h_live = hidden(normed[:, 0], live[0], live[1], p, self.training)                        # (B, 1, r)
-            live_row = torch.einsum("bor,ord->bod", h_live, live[2]) + live[3]                     # (B, 1, d)
+        out_live = live_row = None
+        if has_live:  # the trainable expert runs on all tokens with autograd; its CLS row routes
+            w1, b1, w2t, b2 = (t[0] for t in fold_adapters([self.experts[n_fz]]))
+            out_live = F.dropout(torch.relu(normed @ w1.T + b1), p, self.training) @ w2t + b2        # (B, N, d)
+            live_row = out_live[:, :1]
 
         # 2) routing: entropies and router logits from the hidden states (not differentiable)
         def entropies(upto: int) -> torch.Tensor:
@@ -225,11 +225,9 @@ class BRMoE(nn.Module):
 
         # 3) mixture: only the <= M·K selected experts; the CLS row reuses the routing hidden states
         mixed = self._frozen_mixture(folded, normed, h_fz, wt, idx, n_fz, p) if n_fz else 0
-        if has_live:  # the trainable expert on all tokens, weighted by its (differentiable) weight
+        if has_live:  # weighted by its (differentiable) mixture weight
             wt_live = (wt * (idx == n_fz)).sum(1)[:, None, None]                                       # (B, 1, 1)
-            h = F.dropout(torch.relu(normed[:, 1:] @ live[0][0].T + live[1][0]), p, self.training)
-            rest = h @ live[2][0] + live[3][0]
-            mixed = mixed + wt_live * torch.cat([live_row, rest], 1)
+            mixed = mixed + wt_live * out_live
         latent = None
         if task is not None:
             if task == n_fz and has_live:

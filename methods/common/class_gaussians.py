@@ -41,10 +41,13 @@ class ClassGaussians:
     def __len__(self) -> int:
         return self.means.shape[0]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything stored (what a method reports as its stored numbers)."""
+        pooled = [self._pooled["done"], self._pooled["cur"]] if self.kind == "shared" else []
+        return [self.means, self.scale, self.noise] + pooled
+
     def nbytes(self) -> int:
-        tensors = [self.means, self.scale, self.noise] + (
-            [self._pooled["done"], self._pooled["cur"]] if self.kind == "shared" else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def _grow(self, stop: int) -> None:
         if len(self) >= stop:
@@ -59,7 +62,8 @@ class ClassGaussians:
         """(Re)fit the Gaussians of ``classes`` (a contiguous range of labels) from features (n, d)."""
         self._grow(classes.stop)
         feats = feats.float()
-        scatter, count = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=feats.device), 0
+        if self.kind == "shared":
+            scatter, count = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=feats.device), 0
         for c in classes:
             x = feats[labels == c]
             mu = x.mean(0)
