@@ -4,14 +4,10 @@ import copy
 import pytest
 import torch
 
-from cilbench.backbones.loader import BackboneConfig, load_backbone
-from cilbench.benchmark import get_benchmark
-from cilbench.data.sources import load_splits
-from cilbench.data.stream import ClassIncrementalData
-from cilbench.method import BenchmarkInfo, RunContext, Task
 from methods.care import CaRE, CaREConfig, decay_factors
 from methods.common.adapters import Adapter
 from methods.common.brmoe import BRMoE, BRMoEConfig
+from tests.helpers import make_method
 
 
 def moe_with_tasks(n_tasks, dim=8, classes=3, **kw):
@@ -119,14 +115,7 @@ def added_param_formula(d, depth, sizes, r=16, shared=64):
 
 
 def make_care(cfg, bench="tiny-3"):
-    spec = get_benchmark(bench)
-    train, test = load_splits(spec.dataset, None)
-    data = ClassIncrementalData(train, test, spec.n_classes, spec.splits, spec.order_seed)
-    method = CaRE(cfg, RunContext(seed=0))
-    method.setup(load_backbone(BackboneConfig()), BenchmarkInfo(bench, spec.n_classes, len(spec.splits),
-                                                                tuple(len(s) for s in spec.splits), 32))
-    tasks = [Task(i, len(spec.splits), s.start, s.stop, data, seed=0) for i, s in enumerate(spec.splits)]
-    return method, tasks
+    return make_method(CaRE, cfg, bench)
 
 
 def test_parameter_growth_matches_the_formula():

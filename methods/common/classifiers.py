@@ -62,3 +62,17 @@ def class_means(feats: torch.Tensor, labels: torch.Tensor, start: int, stop: int
     sums.index_add_(0, labels - start, feats.double())
     counts = torch.bincount(labels - start, minlength=n).clamp_min(1).to(sums)
     return (sums / counts[:, None]).float()
+
+
+class SigmaCosine(nn.Module):
+    """σ·cos(f, w_c) with a learnable σ (init 1) and uniform(±1/√d) weights: PILOT's ``CosineLinear``,
+    the head APER trains its first-task adaptation with (it is discarded afterwards)."""
+
+    def __init__(self, dim: int, n_classes: int):
+        super().__init__()
+        bound = 1.0 / dim ** 0.5
+        self.weight = nn.Parameter(torch.empty(n_classes, dim).uniform_(-bound, bound))
+        self.sigma = nn.Parameter(torch.ones(()))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.sigma * (F.normalize(feats, dim=1) @ F.normalize(self.weight, dim=1).T)

@@ -1,0 +1,178 @@
+"""APER (Zhou et al., "Revisiting Class-Incremental Learning with Pre-Trained Models: Generalizability
+and Adaptivity are All You Need", IJCV 2024; the ADAM method of its arXiv v1), as in LAMDA-PILOT.
+
+- Task 0 only: adapt a copy of the pre-trained model with one parameter-efficient tuner
+  (``variant``: ``adapter`` AdaptFormer, ``ssf``, ``vpt`` deep/shallow, or ``finetune`` of all weights;
+  ``methods/common/peft.py``), trained with cross-entropy through a σ-cosine head on the first task's
+  classes (SGD, momentum 0.9, cosine schedule init_lr → min_lr). Then everything is frozen.
+- Every task: class prototypes = mean of the training images' features (test transform), where the
+  feature is the concatenation [pre-trained CLS ; adapted CLS] (``dual_branch``, PILOT's
+  ``MultiBranchCosineIncrementalNet``); prediction is the cosine to every prototype.
+- Both halves are frozen after task 0, so features are cached per sample (``FeatureCache``).
+
+Hyper-parameter defaults are PILOT's ``exps/aper_*.json``: adapter/ssf/vpt use 20 epochs, batch 48,
+weight decay 5e-4; finetune uses 6 epochs, batch 128, weight decay 0.05; all lr 0.01, min_lr 0,
+bottleneck 64, 5 VPT tokens. Leaving ``tuned_epoch``/``batch_size``/``weight_decay`` unset picks the
+variant's default. The cosine schedule steps per batch here (PILOT steps per epoch).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cilbench.backbones.vit import ViTBackbone
+from cilbench.config import check_range
+from cilbench.data.base import Batch
+from cilbench.features import FeatureCache
+from cilbench.method import Method, Task
+from cilbench.registry import register_method
+from methods.common.classifiers import CosinePrototypes, SigmaCosine, class_means
+from methods.common.peft import SSF, AdapterHooks, PromptHooks, patch_size
+from methods.common.training import SGDSchedule, train_epochs
+
+Variant = Literal["adapter", "ssf", "vpt", "finetune"]
+VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adapter": {"tuned_epoch": 20, "batch_size": 48, "weight_decay": 5e-4},
+    "ssf": {"tuned_epoch": 20, "batch_size": 48, "weight_decay": 5e-4},
+    "vpt": {"tuned_epoch": 20, "batch_size": 48, "weight_decay": 5e-4},
+    "finetune": {"tuned_epoch": 6, "batch_size": 128, "weight_decay": 0.05},
+}
+
+
+@dataclass(frozen=True)
+class APERConfig:
+    variant: Variant = "adapter"
+    tuned_epoch: int | None = None        # None = the variant's PILOT default
+    batch_size: int | None = None
+    weight_decay: float | None = None
+    init_lr: float = 0.01
+    min_lr: float = 0.0
+    momentum: float = 0.9
+    ffn_num: int = 64                     # adapter bottleneck
+    adapter_scale: float = 0.1
+    adapter_dropout: float = 0.1
+    vpt_type: Literal["deep", "shallow"] = "deep"
+    prompt_token_num: int = 5
+    dual_branch: bool = True              # prototypes on [pre-trained ; adapted]; False = adapted only
+    proto_batch_size: int = 128
+
+    def __post_init__(self):
+        for key, value in VARIANT_DEFAULTS[self.variant].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        check_range("method.tuned_epoch", self.tuned_epoch, 0)
+        check_range("method.batch_size", self.batch_size, 1)
+        check_range("method.weight_decay", self.weight_decay, 0.0)
+        check_range("method.init_lr", self.init_lr, 0.0)
+        check_range("method.ffn_num", self.ffn_num, 1)
+        check_range("method.prompt_token_num", self.prompt_token_num, 1)
+        check_range("method.adapter_dropout", self.adapter_dropout, 0.0, 1.0)
+
+
+class AdaptedViT(nn.Module):
+    """The first-task-adapted model: the ViT plus one tuner. Adapter and VPT share the frozen ViT
+    through block hooks; SSF and finetune act on a private copy."""
+
+    def __init__(self, backbone: ViTBackbone, cfg: APERConfig):
+        super().__init__()
+        self.variant = cfg.variant
+        d, depth = backbone.embed_dim, backbone.depth
+        self.vit = copy.deepcopy(backbone) if cfg.variant in ("ssf", "finetune") else backbone
+        self.tuner: nn.Module | None = None
+        self.hooks = None
+        if cfg.variant == "adapter":
+            self.tuner = self.hooks = AdapterHooks(d, depth, cfg.ffn_num, cfg.adapter_scale, cfg.adapter_dropout)
+        elif cfg.variant == "vpt":
+            self.tuner = self.hooks = PromptHooks(d, depth, cfg.prompt_token_num, cfg.vpt_type == "deep",
+                                                  patch_size(backbone))
+        elif cfg.variant == "ssf":
+            self.tuner = SSF(self.vit.vit)
+        self.to(next(backbone.parameters()).device)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return list((self.vit if self.tuner is None else self.tuner).parameters())
+
+    def set_trainable(self, on: bool) -> None:
+        self.vit.requires_grad_(on and self.tuner is None)
+        if self.tuner is not None:
+            self.tuner.requires_grad_(on)
+        self.train(on)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vit(images, self.hooks)
+
+    def tuned_state(self) -> dict[str, torch.Tensor]:
+        """Only what training changed (not another copy of a frozen ViT)."""
+        return (self.vit if self.tuner is None else self.tuner).state_dict()
+
+    def load_tuned_state(self, state: dict[str, torch.Tensor]) -> None:
+        (self.vit if self.tuner is None else self.tuner).load_state_dict(state)
+
+
+@register_method("aper")
+class APER(Method):
+    """APER: first-task PEFT adaptation, then frozen dual-branch prototypes with a cosine classifier."""
+
+    Config = APERConfig
+    # PILOT's schedule already fits a CPU on the tiny ViT (synth-10: ~20 s), so synth runs keep it.
+    synthetic_defaults: ClassVar[dict] = {}
+
+    def setup(self, backbone, info) -> None:
+        super().setup(backbone, info)
+        self.backbone.eval().requires_grad_(False)
+        self.adapted = AdaptedViT(self.backbone, self.cfg)
+        self.adapted.set_trainable(False)
+        self.head = CosinePrototypes(self._feature_dim()).to(self.ctx.device)
+        self.features = FeatureCache(self._extract)
+
+    def _feature_dim(self) -> int:
+        return self.backbone.embed_dim * (2 if self.cfg.dual_branch else 1)
+
+    @torch.no_grad()
+    def _extract(self, images: torch.Tensor) -> torch.Tensor:
+        adapted = self.adapted(images)
+        return torch.cat([self.backbone(images), adapted], 1) if self.cfg.dual_branch else adapted
+
+    def learn(self, task: Task) -> None:
+        if task.index == 0:
+            self._adapt(task)
+        feats, labels = [], []
+        for batch in task.train_loader(self.cfg.proto_batch_size, shuffle=False, augment=False):
+            batch = batch.to(self.ctx.device)
+            feats.append(self.features(batch))
+            labels.append(batch.labels)
+        self.head.set_classes(task.start, class_means(torch.cat(feats), torch.cat(labels), task.start, task.stop))
+
+    def _adapt(self, task: Task) -> None:
+        c = self.cfg
+        head = SigmaCosine(self.backbone.embed_dim, len(task.classes)).to(self.ctx.device)
+        self.adapted.set_trainable(True)
+        loss = lambda b: F.cross_entropy(head(self.adapted(b.images)).float(), b.labels - task.start)  # noqa: E731
+        train_epochs(self.adapted.trainable() + list(head.parameters()), task.train_loader(c.batch_size), loss,
+                     SGDSchedule(c.tuned_epoch, c.init_lr, c.momentum, c.weight_decay, c.min_lr), self.ctx)
+        self.adapted.set_trainable(False)
+        self.features.clear()
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        return self.head(self.features(batch))
+
+    def modules(self):
+        return [self.backbone, self.adapted, self.head]
+
+    def stored_tensors(self):
+        return [self.head.protos]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"protos": self.head.protos.cpu(), "tuned": self.adapted.tuned_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.head.protos = state["protos"].to(self.ctx.device)
+        self.adapted.load_tuned_state(state["tuned"])
+        self.adapted.set_trainable(False)
+        self.features.clear()

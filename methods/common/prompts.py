@@ -1,0 +1,71 @@
+"""Key-query prompt pools (L2P; shared by the prompt-based methods).
+
+A pool holds M prompts P_j ∈ R^{L×d} with keys k_j ∈ R^d (both uniform(−1, 1), as in the PyTorch
+port). A query q (the frozen model's CLS feature) picks the top-N keys by cosine similarity; with
+``batchwise`` every sample of the batch uses the batch's N most frequent picks (majority vote, at train
+and test time, as in both reference implementations). Ties in the vote go to the lower prompt id, so
+selection is deterministic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Selection:
+    idx: torch.Tensor        # (B, N) selected prompt ids per sample
+    sim: torch.Tensor        # (B, N) cosine(q, k) of the selected keys (differentiable in the keys)
+    prompts: torch.Tensor    # (B, N·L, d) selected prompts, concatenated
+
+
+class PromptPool(nn.Module):
+    def __init__(self, size: int, length: int, dim: int, top_k: int, batchwise: bool = True):
+        super().__init__()
+        if top_k > size:
+            raise ValueError(f"top_k={top_k} exceeds the pool size {size}")
+        self.top_k, self.batchwise = top_k, batchwise
+        self.prompts = nn.Parameter(torch.empty(size, length, dim).uniform_(-1, 1))
+        self.keys = nn.Parameter(torch.empty(size, dim).uniform_(-1, 1))
+
+    @property
+    def size(self) -> int:
+        return self.prompts.shape[0]
+
+    def similarity(self, query: torch.Tensor) -> torch.Tensor:
+        """(B, M) cosine similarity between queries and keys."""
+        return F.normalize(query, dim=1) @ F.normalize(self.keys, dim=1).T
+
+    def select(self, query: torch.Tensor) -> Selection:
+        sim = self.similarity(query)
+        idx = sim.detach().topk(self.top_k, dim=1).indices
+        if self.batchwise:
+            idx = majority(idx, self.size, self.top_k).expand(len(idx), -1)
+        b, n = idx.shape
+        prompts = self.prompts[idx].reshape(b, n * self.prompts.shape[1], -1)
+        return Selection(idx, sim.gather(1, idx), prompts)
+
+
+def majority(idx: torch.Tensor, size: int, k: int) -> torch.Tensor:
+    """The k ids picked most often across the batch (ties: lower id first), shape (1, k)."""
+    counts = torch.bincount(idx.flatten(), minlength=size)
+    order = torch.sort(counts, descending=True, stable=True).indices
+    return order[:k].unsqueeze(0)
+
+
+def prompted_tokens(backbone, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """Run the ViT on [CLS; prompts; patches] and return the prompt positions' final-normed outputs.
+
+    Prompts enter after the position embedding and receive the CLS position's embedding (the PyTorch
+    port's resized position table), so the prompt positions all see the same position code.
+    """
+    vit, n = backbone.vit, backbone.num_prefix_tokens
+    x = backbone.embed(images)
+    if vit.cls_token is not None and not vit.no_embed_class:
+        prompts = prompts + vit.pos_embed[:, :1]
+    x = torch.cat([x[:, :n], prompts.to(x.dtype), x[:, n:]], dim=1)
+    x = vit.norm(backbone.run_blocks(x))
+    return x[:, n:n + prompts.shape[1]]

@@ -1,0 +1,142 @@
+"""L2P: Learning to Prompt for Continual Learning (Wang et al., CVPR 2022); spec methods.md §4.
+
+- Frozen ViT. Query q(x) = CLS feature of a separate frozen pass (cached per test/prototype sample,
+  recomputed for augmented training images).
+- Prompt pool (``methods/common/prompts.py``): top-N keys by cosine to q, batch-wise majority vote
+  (``batchwise_prompt``, on by default at train and test time, as in both reference codes).
+- Input [CLS; P_{s_1}; …; P_{s_N}; patches]; the mean of the N·L prompt-position outputs (after the
+  final LayerNorm) feeds a linear head over all classes seen so far.
+- Loss: cross-entropy with the train-time class mask (logits outside the current task masked) minus
+  λ · Σ_selected cos(q, k) / B (pull constraint). Trained: prompts, keys, head; Adam(0.9, 0.999),
+  constant lr, optional gradient clipping, optimizer re-initialised every task.
+
+``preset`` picks the hyper-parameters of one source (spec §4.3); any field set explicitly wins:
+
+| preset | pool M | length L | top-N | λ | lr | batch | clip |
+|---|---|---|---|---|---|---|---|
+| ``paper`` | 10 | 5 | 5 | 0.5 | 0.03 | 128 | – |
+| ``official`` (JAX cifar100) | 10 | 10 | 4 | 1.0 | 0.015 | 128 | 1.0 |
+| ``pytorch-port`` (default; = LAMDA-PILOT ``l2p.json``) | 10 | 5 | 5 | 0.1 | 0.001875 | 16 | 1.0 |
+
+``pytorch-port`` is the default because LAMDA-PILOT runs it, and the L2P numbers CaRE publishes under
+its protocol come from there. Inputs are normalised by the backbone like every other cilbench method
+(the JAX code feeds [0, 1] pixels to a ViT trained on [−1, 1] inputs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from cilbench.config import check_range
+from cilbench.data.base import Batch
+from cilbench.features import FeatureCache
+from cilbench.method import Method, Task
+from cilbench.registry import register_method
+from methods.common.classifiers import GrowingLinear
+from methods.common.prompts import PromptPool, prompted_tokens
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(pool_size=10, prompt_length=5, top_k=5, pull_coeff=0.5, lr=0.03, batch_size=128, clip_grad=0.0),
+    "official": dict(pool_size=10, prompt_length=10, top_k=4, pull_coeff=1.0, lr=0.015, batch_size=128,
+                     clip_grad=1.0),
+    "pytorch-port": dict(pool_size=10, prompt_length=5, top_k=5, pull_coeff=0.1, lr=0.001875, batch_size=16,
+                         clip_grad=1.0),
+}
+
+
+@dataclass(frozen=True)
+class L2PConfig:
+    preset: Literal["paper", "official", "pytorch-port"] = "pytorch-port"
+    pool_size: int | None = None          # None = the preset's value (table in the module docstring)
+    prompt_length: int | None = None
+    top_k: int | None = None
+    pull_coeff: float | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    clip_grad: float | None = None        # 0 = no clipping
+    epochs: int = 5
+    batchwise_prompt: bool = True
+    train_mask: bool = True
+
+    def __post_init__(self):
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        check_range("method.pool_size", self.pool_size, 1)
+        check_range("method.prompt_length", self.prompt_length, 1)
+        check_range("method.top_k", self.top_k, 1, self.pool_size)
+        check_range("method.pull_coeff", self.pull_coeff, 0.0)
+        check_range("method.lr", self.lr, 0.0)
+        check_range("method.batch_size", self.batch_size, 1)
+        check_range("method.clip_grad", self.clip_grad, 0.0)
+        check_range("method.epochs", self.epochs, 0)
+
+
+@register_method("l2p")
+class L2P(Method):
+    """L2P: a frozen ViT instructed by prompts picked from a key-query pool."""
+
+    Config = L2PConfig
+    synthetic_defaults: ClassVar[dict] = {}
+
+    def setup(self, backbone, info) -> None:
+        super().setup(backbone, info)
+        self.backbone.eval().requires_grad_(False)
+        c, d = self.cfg, backbone.embed_dim
+        self.pool = PromptPool(c.pool_size, c.prompt_length, d, c.top_k, c.batchwise_prompt).to(self.ctx.device)
+        self.head = GrowingLinear(d).to(self.ctx.device)
+        self.queries = FeatureCache(self.backbone)
+
+    def forward(self, batch: Batch):
+        """(logits over the head's classes, selection) for a batch."""
+        sel = self.pool.select(self.queries(batch))
+        feats = prompted_tokens(self.backbone, batch.images, sel.prompts).mean(1)
+        return self.head(feats), sel
+
+    def loss(self, batch: Batch, task: Task) -> torch.Tensor:
+        logits, sel = self.forward(batch)
+        y = batch.labels
+        if self.cfg.train_mask:  # same as filling the other classes' logits with -inf
+            logits, y = logits[:, task.start:task.stop], y - task.start
+        pull = sel.sim.sum() / len(y)
+        return F.cross_entropy(logits.float(), y) - self.cfg.pull_coeff * pull
+
+    def learn(self, task: Task) -> None:
+        c = self.cfg
+        self.head.grow(task.total)
+        params = [self.pool.prompts, self.pool.keys, self.head.weight, self.head.bias]
+        opt = torch.optim.Adam(params, lr=c.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        loader = task.train_loader(c.batch_size)
+        for epoch in range(c.epochs):
+            total, seen = 0.0, 0
+            for batch in loader:
+                batch = batch.to(self.ctx.device)
+                with self.ctx.autocast():
+                    loss = self.loss(batch, task)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if c.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(params, c.clip_grad)
+                opt.step()
+                total += loss.item() * len(batch.labels)
+                seen += len(batch.labels)
+            self.ctx.reporter.epoch(epoch + 1, c.epochs, total / max(1, seen))
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        with self.ctx.autocast():
+            return self.forward(batch)[0].float()
+
+    def modules(self):
+        return [self.backbone, self.pool, self.head]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pool": self.pool.state_dict(), "head": self.head.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pool.load_state_dict(state["pool"])
+        self.head.grow(state["head"]["weight"].shape[0])
+        self.head.load_state_dict(state["head"])
