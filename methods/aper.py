@@ -75,14 +75,14 @@ class APERConfig:
 
 
 class AdaptedViT(nn.Module):
-    """The first-task-adapted model: the ViT plus one tuner. Adapter and VPT share the frozen ViT
-    through block hooks; SSF and finetune act on a private copy."""
+    """The first-task-adapted model: the ViT plus one tuner. Adapter, VPT and SSF share the frozen
+    ViT (block hooks, or SSF's switchable forward hooks); finetune trains a private copy."""
 
     def __init__(self, backbone: ViTBackbone, cfg: APERConfig):
         super().__init__()
         self.variant = cfg.variant
         d, depth = backbone.embed_dim, backbone.depth
-        self.vit = copy.deepcopy(backbone) if cfg.variant in ("ssf", "finetune") else backbone
+        self.vit = copy.deepcopy(backbone) if cfg.variant == "finetune" else backbone
         self.tuner: nn.Module | None = None
         self.hooks = None
         if cfg.variant == "adapter":
@@ -104,6 +104,9 @@ class AdaptedViT(nn.Module):
         self.train(on)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.tuner, SSF):
+            with self.tuner.active():
+                return self.vit(images)
         return self.vit(images, self.hooks)
 
     def tuned_state(self) -> dict[str, torch.Tensor]:

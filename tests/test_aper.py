@@ -95,15 +95,19 @@ def test_fresh_tuners_leave_the_features_unchanged():
     ssf = SSF(vit.vit)
     assert len(ssf.scales) == 1 + 6 * vit.depth + 1 == len(ssf_targets(vit.vit))
     with torch.no_grad():
+        assert torch.equal(vit(x), plain)  # inactive outside ``with ssf.active()``
         for p in ssf.scales.values():
             p.fill_(1.0)
         for p in ssf.shifts.values():
             p.zero_()
-        assert torch.allclose(vit(x), plain, atol=1e-6)
+        with ssf.active():
+            assert torch.allclose(vit(x), plain, atol=1e-6)
         next(iter(ssf.shifts.values())).fill_(0.5)
-        assert not torch.allclose(vit(x), plain)
-    ssf.detach_hooks()
-    assert torch.equal(vit(x), plain)
+        with ssf.active():
+            assert not torch.allclose(vit(x), plain)
+        ssf.detach_hooks()
+        with ssf.active():
+            assert torch.equal(vit(x), plain)
 
 
 def test_variant_defaults_follow_pilot_and_explicit_values_win():

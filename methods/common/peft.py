@@ -8,10 +8,12 @@ checkpoint stores the tuner, not another copy of the ViT:
   ``shallow`` (one set before block 0, dropped after the last block); appended after the patches as in
   PILOT's ``VPT_ViT`` (token order is irrelevant to attention once position embeddings are added);
 - ``SSF``: scale-and-shift after the patch embedding, every LayerNorm, qkv, proj, fc1, fc2 and the final
-  norm (Lian et al. 2022; PILOT ``vit_ssf``), attached with forward hooks to a private copy of the ViT.
+  norm (Lian et al. 2022; PILOT ``vit_ssf``), as forward hooks on the shared ViT that act only inside
+  ``with ssf.active():``, so the pre-trained branch and the SSF branch share one copy of the weights.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -75,6 +77,7 @@ class SSF(nn.Module):
         super().__init__()
         self.scales, self.shifts = nn.ParameterDict(), nn.ParameterDict()
         self._handles = []
+        self._on = False
         for name, module in ssf_targets(vit):
             dim = _out_dim(module)
             key = name.replace(".", "_")
@@ -84,8 +87,16 @@ class SSF(nn.Module):
 
     def _hook(self, key: str):
         def apply(_module, _inputs, out):
-            return out * self.scales[key] + self.shifts[key]
+            return out * self.scales[key] + self.shifts[key] if self._on else None
         return apply
+
+    @contextlib.contextmanager
+    def active(self):
+        self._on = True
+        try:
+            yield
+        finally:
+            self._on = False
 
     def detach_hooks(self) -> None:
         for h in self._handles:
