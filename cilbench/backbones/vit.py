@@ -5,14 +5,17 @@ per-block hooks, so methods never patch timm modules:
 - ``before_block(i, x)``: e.g. insert prompt tokens;
 - ``parallel(i, z_a)``: a branch added beside the MLP (AdaptFormer "parallel" placement:
   ``z' = z_a + MLP(LN(z_a)) + branch(z_a)`` with ``z_a = z + MHSA(LN(z))``);
-- ``after_block(i, x)``: e.g. remove the prompt tokens again.
-Blocks without a parallel branch run timm's fused ``Block.forward``.
+- ``after_block(i, x)``: e.g. remove the prompt tokens again;
+- ``attn_prefix(i, x)``: (key, value) prefixes (B, P, d) prepended to the block's attention keys and
+  values, prefix-tuning as in DualPrompt / CODA-Prompt (queries and output length unchanged).
+Blocks without a parallel branch or prefixes run timm's fused ``Block.forward``.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
@@ -29,8 +32,23 @@ class BlockHooks:
     def after_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def attn_prefix(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
     def has_parallel(self, i: int) -> bool:
         return type(self).parallel is not BlockHooks.parallel
+
+
+def prefix_attention(attn: nn.Module, x: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
+    """timm ``Attention`` with (B, P, d) key/value prefixes: softmax(q [pk; k]ᵀ/√d_h) [pv; v]."""
+    b, n, _ = x.shape
+    h, hd = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(x).reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    k = torch.cat([pk.reshape(b, -1, h, hd).transpose(1, 2).to(k.dtype), k], dim=2)
+    v = torch.cat([pv.reshape(b, -1, h, hd).transpose(1, 2).to(v.dtype), v], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    return attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(b, n, -1))))
 
 
 class ViTBackbone(nn.Module):
@@ -76,8 +94,11 @@ class ViTBackbone(nn.Module):
                 x = blk(x)
                 continue
             x = hooks.before_block(i, x)
-            if hooks.has_parallel(i):
-                z_a = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+            prefix = hooks.attn_prefix(i, x)
+            if prefix is not None or hooks.has_parallel(i):
+                y = blk.norm1(x)
+                y = blk.attn(y) if prefix is None else prefix_attention(blk.attn, y, *prefix)
+                z_a = x + blk.drop_path1(blk.ls1(y))
                 x = z_a + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(z_a))))
                 branch = hooks.parallel(i, z_a)
                 if branch is not None:

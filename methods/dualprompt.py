@@ -1,0 +1,180 @@
+"""DualPrompt (Wang et al., ECCV 2022), with LAMDA-PILOT's ``exps/dualprompt.json`` settings.
+
+- Frozen ViT; query q(x) = CLS feature of a frozen pass (cached for un-augmented images).
+- G-prompt (shared by all tasks): length 5 in blocks ``g_layers`` = (0, 1); E-prompts: a pool of 10,
+  length 5, in blocks ``e_layers`` = (2, 3, 4), each with a learnable key. Both enter as
+  prefix-tuning: the prompt's two halves are prepended to the attention's keys and values
+  (``ViTBackbone`` ``attn_prefix`` hook). Init uniform(−1, 1).
+- Training on task t uses E-prompt t (``task_prompt_at_train``, the reference ``use_prompt_mask``);
+  when t ≥ pool size, as in the reference code, it falls back to key-query selection. Test: top-1 key
+  by cosine to q, batch-wise majority vote (``batchwise_prompt``).
+- Head: linear on the final CLS token. Loss: class-masked cross-entropy − λ Σ cos(q, k_selected)/B,
+  λ = 0.1. Adam(0.9, 0.999), constant lr 0.001, batch 24, 5 epochs, gradient clip 1.0, optimizer
+  re-initialised every task.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cilbench.backbones.vit import BlockHooks
+from cilbench.config import check_range
+from cilbench.data.base import Batch
+from cilbench.errors import ConfigError
+from cilbench.features import FeatureCache
+from cilbench.method import Method, Task
+from cilbench.registry import register_method
+from methods.common.classifiers import GrowingLinear
+from methods.common.prompts import majority
+
+
+@dataclass(frozen=True)
+class DualPromptConfig:
+    g_length: int = 5
+    g_layers: tuple[int, ...] = (0, 1)
+    e_length: int = 5
+    e_layers: tuple[int, ...] = (2, 3, 4)
+    pool_size: int = 10
+    top_k: int = 1
+    pull_coeff: float = 0.1
+    task_prompt_at_train: bool = True
+    batchwise_prompt: bool = True
+    train_mask: bool = True
+    lr: float = 0.001
+    batch_size: int = 24
+    epochs: int = 5
+    clip_grad: float = 1.0          # 0 = no clipping
+
+    def __post_init__(self):
+        check_range("method.g_length", self.g_length, 1)
+        check_range("method.e_length", self.e_length, 1)
+        check_range("method.pool_size", self.pool_size, 1)
+        check_range("method.top_k", self.top_k, 1, self.pool_size)
+        check_range("method.pull_coeff", self.pull_coeff, 0.0)
+        check_range("method.lr", self.lr, 0.0)
+        check_range("method.batch_size", self.batch_size, 1)
+        check_range("method.epochs", self.epochs, 0)
+        check_range("method.clip_grad", self.clip_grad, 0.0)
+        if set(self.g_layers) & set(self.e_layers):
+            raise ConfigError(f"g_layers {self.g_layers} and e_layers {self.e_layers} overlap",
+                              "give each block at most one kind of prompt")
+
+
+class PrefixHooks(BlockHooks):
+    """Serves per-block (key, value) prefixes set for the current batch."""
+
+    def __init__(self):
+        self.prefixes: dict[int, torch.Tensor] = {}   # block -> (B, 2, P, d)
+
+    def attn_prefix(self, i: int, x: torch.Tensor):
+        p = self.prefixes.get(i)
+        return None if p is None else (p[:, 0], p[:, 1])
+
+
+@register_method("dualprompt")
+class DualPrompt(Method):
+    """DualPrompt: a shared G-prompt and task E-prompts as attention prefixes of a frozen ViT."""
+
+    Config = DualPromptConfig
+    # the tiny ViT has 4 blocks: E-prompts go to blocks 2-3 (ViT-B/16: 2-4)
+    synthetic_defaults: ClassVar[dict] = {"e_layers": (2, 3)}
+
+    def setup(self, backbone, info) -> None:
+        super().setup(backbone, info)
+        c, d = self.cfg, backbone.embed_dim
+        bad = [i for i in (*c.g_layers, *c.e_layers) if not 0 <= i < backbone.depth]
+        if bad:
+            raise ConfigError(f"prompt layers {bad} do not exist in a {backbone.depth}-block ViT",
+                              f"use blocks 0..{backbone.depth - 1} in method.g_layers / method.e_layers")
+        self.backbone.eval().requires_grad_(False)
+        dev = self.ctx.device
+        self.g_prompt = nn.Parameter(torch.empty(len(c.g_layers), 2, c.g_length, d, device=dev).uniform_(-1, 1))
+        self.e_prompt = nn.Parameter(torch.empty(len(c.e_layers), 2, c.pool_size, c.e_length, d,
+                                                 device=dev).uniform_(-1, 1))
+        self.keys = nn.Parameter(torch.empty(c.pool_size, d, device=dev).uniform_(-1, 1))
+        self.head = GrowingLinear(d).to(dev)
+        self.hooks = PrefixHooks()
+        self.queries = FeatureCache(self.backbone)
+
+    def params(self) -> list[nn.Parameter]:
+        return [self.g_prompt, self.e_prompt, self.keys, self.head.weight, self.head.bias]
+
+    def select(self, query: torch.Tensor, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E-prompt ids (B, k), cos(q, k_id) (B, k))."""
+        c = self.cfg
+        sim = F.normalize(query, dim=1) @ F.normalize(self.keys, dim=1).T
+        if task is not None and c.task_prompt_at_train and (task + 1) * c.top_k <= c.pool_size:
+            idx = torch.arange(task * c.top_k, (task + 1) * c.top_k, device=sim.device).expand(len(sim), -1)
+        else:
+            idx = sim.detach().topk(c.top_k, dim=1).indices
+            if c.batchwise_prompt:
+                idx = majority(idx, c.pool_size, c.top_k).expand(len(sim), -1)
+        return idx, sim.gather(1, idx)
+
+    def forward(self, batch: Batch, task: int | None = None):
+        c = self.cfg
+        idx, sim = self.select(self.queries(batch), task)
+        b = len(idx)
+        e = self.e_prompt[:, :, idx]                                    # (n_e, 2, B, k, L, d)
+        e = e.permute(0, 2, 1, 3, 4, 5).reshape(len(c.e_layers), b, 2, -1, e.shape[-1])
+        g = self.g_prompt.unsqueeze(1).expand(-1, b, -1, -1, -1)        # (n_g, B, 2, L, d)
+        self.hooks.prefixes = {**{i: g[j] for j, i in enumerate(c.g_layers)},
+                               **{i: e[j] for j, i in enumerate(c.e_layers)}}
+        try:
+            feats = self.backbone(batch.images, self.hooks)
+        finally:
+            self.hooks.prefixes = {}
+        return self.head(feats), sim
+
+    def loss(self, batch: Batch, task: Task) -> torch.Tensor:
+        logits, sim = self.forward(batch, task.index)
+        y = batch.labels
+        if self.cfg.train_mask:
+            logits, y = logits[:, task.start:task.stop], y - task.start
+        return F.cross_entropy(logits.float(), y) - self.cfg.pull_coeff * sim.sum() / len(y)
+
+    def learn(self, task: Task) -> None:
+        c = self.cfg
+        self.head.grow(task.total)
+        params = self.params()
+        opt = torch.optim.Adam(params, lr=c.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        loader = task.train_loader(c.batch_size)
+        for epoch in range(c.epochs):
+            total, seen = 0.0, 0
+            for batch in loader:
+                batch = batch.to(self.ctx.device)
+                with self.ctx.autocast():
+                    loss = self.loss(batch, task)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if c.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(params, c.clip_grad)
+                opt.step()
+                total += loss.item() * len(batch.labels)
+                seen += len(batch.labels)
+            self.ctx.reporter.epoch(epoch + 1, c.epochs, total / max(1, seen))
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        with self.ctx.autocast():
+            return self.forward(batch)[0].float()
+
+    def modules(self):
+        holder = nn.ParameterList([self.g_prompt, self.e_prompt, self.keys])
+        return [self.backbone, holder, self.head]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"g": self.g_prompt.detach().cpu(), "e": self.e_prompt.detach().cpu(),
+                "keys": self.keys.detach().cpu(), "head": self.head.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.g_prompt.copy_(state["g"])
+            self.e_prompt.copy_(state["e"])
+            self.keys.copy_(state["keys"])
+        self.head.grow(state["head"]["weight"].shape[0])
+        self.head.load_state_dict(state["head"])
