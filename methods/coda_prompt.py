@@ -30,6 +30,7 @@ from cilbench.features import FeatureCache
 from cilbench.method import Method, Task
 from cilbench.registry import register_method
 from methods.common.classifiers import GrowingLinear
+from methods.common.training import adam_epochs
 from methods.dualprompt import PrefixHooks
 
 
@@ -149,23 +150,8 @@ class CODAPrompt(Method):
         c = self.cfg
         self.head.grow(task.total)
         self._init_components(self.n_learned, self.n_learned + self.per_task)
-        params = [self.P, self.K, self.A, self.head.weight, self.head.bias]
-        opt = torch.optim.Adam(params, lr=c.lr, betas=(0.9, 0.999), weight_decay=0.0)
-        loader = task.train_loader(c.batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, c.epochs), eta_min=c.min_lr)
-        for epoch in range(c.epochs):
-            total, seen = 0.0, 0
-            for batch in loader:
-                batch = batch.to(self.ctx.device)
-                with self.ctx.autocast():
-                    loss = self.loss(batch, task)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(batch.labels)
-                seen += len(batch.labels)
-            sched.step()
-            self.ctx.reporter.epoch(epoch + 1, c.epochs, total / max(1, seen))
+        adam_epochs([self.P, self.K, self.A, self.head.weight, self.head.bias], task.train_loader(c.batch_size),
+                    lambda b: self.loss(b, task), c.epochs, c.lr, self.ctx, cosine_min_lr=c.min_lr)
         self.n_learned += self.per_task
 
     @torch.no_grad()

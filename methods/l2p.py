@@ -37,6 +37,7 @@ from cilbench.method import Method, Task
 from cilbench.registry import register_method
 from methods.common.classifiers import GrowingLinear
 from methods.common.prompts import PromptPool, prompted_tokens
+from methods.common.training import adam_epochs
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(pool_size=10, prompt_length=5, top_k=5, pull_coeff=0.5, lr=0.03, batch_size=128, clip_grad=0.0),
@@ -108,22 +109,8 @@ class L2P(Method):
         c = self.cfg
         self.head.grow(task.total)
         params = [self.pool.prompts, self.pool.keys, self.head.weight, self.head.bias]
-        opt = torch.optim.Adam(params, lr=c.lr, betas=(0.9, 0.999), weight_decay=0.0)
-        loader = task.train_loader(c.batch_size)
-        for epoch in range(c.epochs):
-            total, seen = 0.0, 0
-            for batch in loader:
-                batch = batch.to(self.ctx.device)
-                with self.ctx.autocast():
-                    loss = self.loss(batch, task)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if c.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(params, c.clip_grad)
-                opt.step()
-                total += loss.item() * len(batch.labels)
-                seen += len(batch.labels)
-            self.ctx.reporter.epoch(epoch + 1, c.epochs, total / max(1, seen))
+        adam_epochs(params, task.train_loader(c.batch_size), lambda b: self.loss(b, task), c.epochs, c.lr,
+                    self.ctx, c.clip_grad)
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:

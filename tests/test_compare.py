@@ -1,5 +1,4 @@
 """Leaderboards from run folders built out of known accuracy matrices (numbers checked by hand)."""
-import json
 
 import numpy as np
 import pandas as pd

@@ -46,3 +46,33 @@ def train_epochs(params: list[torch.nn.Parameter], loader: Iterable[Batch],
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
+
+
+def adam_epochs(params: list[torch.nn.Parameter], loader: Iterable[Batch], loss_fn: Callable[[Batch], torch.Tensor],
+                epochs: int, lr: float, ctx: RunContext, clip_grad: float = 0.0,
+                cosine_min_lr: float | None = None) -> float:
+    """The prompt methods' loop: a fresh Adam(0.9, 0.999) per call (the reference codes re-initialise
+    it every task), constant lr or a per-epoch cosine to ``cosine_min_lr``, optional gradient-norm clip.
+    Returns the last epoch's mean loss."""
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs), eta_min=cosine_min_lr)
+             if cosine_min_lr is not None else None)
+    mean_loss = float("nan")
+    for epoch in range(epochs):
+        total, seen = 0.0, 0
+        for batch in loader:
+            batch = batch.to(ctx.device)
+            with ctx.autocast():
+                loss = loss_fn(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            opt.step()
+            total += loss.item() * len(batch.labels)
+            seen += len(batch.labels)
+        if sched is not None:
+            sched.step()
+        mean_loss = total / max(1, seen)
+        ctx.reporter.epoch(epoch + 1, epochs, mean_loss)
+    return mean_loss
