@@ -31,7 +31,7 @@ from cilbench.data.base import Batch
 from cilbench.features import FeatureCache
 from cilbench.method import Method, Task
 from cilbench.registry import register_method
-from methods.common.classifiers import CosinePrototypes, SigmaCosine, class_means
+from methods.common.classifiers import CosinePrototypes, SigmaCosine, task_class_means
 from methods.common.peft import SSF, AdapterHooks, PromptHooks, patch_size
 from methods.common.training import SGDSchedule, train_epochs
 
@@ -144,12 +144,7 @@ class APER(Method):
     def learn(self, task: Task) -> None:
         if task.index == 0:
             self._adapt(task)
-        feats, labels = [], []
-        for batch in task.train_loader(self.cfg.proto_batch_size, shuffle=False, augment=False):
-            batch = batch.to(self.ctx.device)
-            feats.append(self.features(batch))
-            labels.append(batch.labels)
-        self.head.set_classes(task.start, class_means(torch.cat(feats), torch.cat(labels), task.start, task.stop))
+        self.head.set_classes(task.start, task_class_means(task, self.features, self.cfg.proto_batch_size, self.ctx.device))
 
     def _adapt(self, task: Task) -> None:
         c = self.cfg

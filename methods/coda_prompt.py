@@ -30,7 +30,7 @@ from cilbench.features import FeatureCache
 from cilbench.method import Method, Task
 from cilbench.registry import register_method
 from methods.common.classifiers import GrowingLinear
-from methods.common.training import adam_epochs
+from methods.common.training import adam_epochs, current_task_ce
 from methods.dualprompt import PrefixHooks
 
 
@@ -139,9 +139,7 @@ class CODAPrompt(Method):
         return total
 
     def loss(self, batch: Batch, task: Task) -> torch.Tensor:
-        logits = self.forward(batch, training=True)[:, : task.stop]
-        logits = torch.cat([torch.full_like(logits[:, : task.start], float("-inf")), logits[:, task.start:]], 1)
-        loss = F.cross_entropy(logits.float(), batch.labels)
+        loss = current_task_ce(self.forward(batch, training=True), batch.labels, task.start, task.stop)
         if self.cfg.ortho_mu > 0:
             loss = loss + self.cfg.ortho_mu * self.ortho_penalty()
         return loss

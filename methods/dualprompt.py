@@ -30,7 +30,7 @@ from cilbench.method import Method, Task
 from cilbench.registry import register_method
 from methods.common.classifiers import GrowingLinear
 from methods.common.prompts import majority
-from methods.common.training import adam_epochs
+from methods.common.training import adam_epochs, cross_entropy, current_task_ce
 
 
 @dataclass(frozen=True)
@@ -134,9 +134,8 @@ class DualPrompt(Method):
     def loss(self, batch: Batch, task: Task) -> torch.Tensor:
         logits, sim = self.forward(batch, task.index)
         y = batch.labels
-        if self.cfg.train_mask:
-            logits, y = logits[:, task.start:task.stop], y - task.start
-        return F.cross_entropy(logits.float(), y) - self.cfg.pull_coeff * sim.sum() / len(y)
+        ce = current_task_ce(logits, y, task.start, task.stop) if self.cfg.train_mask else cross_entropy(logits, y)
+        return ce - self.cfg.pull_coeff * sim.sum() / len(y)
 
     def learn(self, task: Task) -> None:
         c = self.cfg

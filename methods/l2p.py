@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
 from cilbench.config import check_range
 from cilbench.data.base import Batch
@@ -37,7 +36,7 @@ from cilbench.method import Method, Task
 from cilbench.registry import register_method
 from methods.common.classifiers import GrowingLinear
 from methods.common.prompts import PromptPool, prompted_tokens
-from methods.common.training import adam_epochs
+from methods.common.training import adam_epochs, cross_entropy, current_task_ce
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(pool_size=10, prompt_length=5, top_k=5, pull_coeff=0.5, lr=0.03, batch_size=128, clip_grad=0.0),
@@ -100,10 +99,8 @@ class L2P(Method):
     def loss(self, batch: Batch, task: Task) -> torch.Tensor:
         logits, sel = self.forward(batch)
         y = batch.labels
-        if self.cfg.train_mask:  # same as filling the other classes' logits with -inf
-            logits, y = logits[:, task.start:task.stop], y - task.start
-        pull = sel.sim.sum() / len(y)
-        return F.cross_entropy(logits.float(), y) - self.cfg.pull_coeff * pull
+        ce = current_task_ce(logits, y, task.start, task.stop) if self.cfg.train_mask else cross_entropy(logits, y)
+        return ce - self.cfg.pull_coeff * sel.sim.sum() / len(y)
 
     def learn(self, task: Task) -> None:
         c = self.cfg

@@ -17,7 +17,7 @@ from cilbench.data.base import Batch
 from cilbench.features import FeatureCache
 from cilbench.method import Method, Task
 from cilbench.registry import register_method
-from methods.common.classifiers import CosinePrototypes, class_means
+from methods.common.classifiers import CosinePrototypes, task_class_means
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,7 @@ class SimpleCIL(Method):
         self.features = FeatureCache(self.backbone)
 
     def learn(self, task: Task) -> None:
-        feats, labels = [], []
-        for batch in task.train_loader(self.cfg.batch_size, shuffle=False, augment=False):
-            batch = batch.to(self.ctx.device)
-            feats.append(self.features(batch))
-            labels.append(batch.labels)
-        self.head.set_classes(task.start, class_means(torch.cat(feats), torch.cat(labels), task.start, task.stop))
+        self.head.set_classes(task.start, task_class_means(task, self.features, self.cfg.batch_size, self.ctx.device))
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:

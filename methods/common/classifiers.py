@@ -76,3 +76,15 @@ class SigmaCosine(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.sigma * (F.normalize(feats, dim=1) @ F.normalize(self.weight, dim=1).T)
+
+
+@torch.no_grad()
+def task_class_means(task, features, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Class means of ``features(batch)`` over the task's un-augmented training images: the prototypes
+    of SimpleCIL and APER."""
+    feats, labels = [], []
+    for batch in task.train_loader(batch_size, shuffle=False, augment=False):
+        batch = batch.to(device)
+        feats.append(features(batch))
+        labels.append(batch.labels)
+    return class_means(torch.cat(feats), torch.cat(labels), task.start, task.stop)

@@ -1,4 +1,5 @@
-"""A plain supervised training loop (SGD + cosine schedule), shared by the fine-tuning baselines."""
+"""Supervised training loops (SGD + cosine for the fine-tuning baselines and APER, Adam for the
+prompt methods) and the class-masked loss, shared by the methods."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,14 +21,13 @@ class SGDSchedule:
     min_lr: float = 0.0
 
 
-def train_epochs(params: list[torch.nn.Parameter], loader: Iterable[Batch],
-                 loss_fn: Callable[[Batch], torch.Tensor], sched: SGDSchedule, ctx: RunContext) -> float:
-    """Train for ``sched.epochs`` passes; returns the last epoch's mean loss."""
-    opt = torch.optim.SGD(params, lr=sched.lr, momentum=sched.momentum, weight_decay=sched.weight_decay)
-    steps = max(1, sched.epochs * len(loader))  # type: ignore[arg-type]
-    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=sched.min_lr)
+def run_epochs(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loader: Iterable[Batch],
+               loss_fn: Callable[[Batch], torch.Tensor], epochs: int, ctx: RunContext, clip_grad: float = 0.0,
+               batch_sched=None, epoch_sched=None) -> float:
+    """The one supervised loop: ``epochs`` passes, optional gradient-norm clip, a scheduler stepped per
+    batch and/or per epoch. Returns the last epoch's mean loss."""
     mean_loss = float("nan")
-    for epoch in range(sched.epochs):
+    for epoch in range(epochs):
         total, seen = 0.0, 0
         for batch in loader:
             batch = batch.to(ctx.device)
@@ -35,13 +35,27 @@ def train_epochs(params: list[torch.nn.Parameter], loader: Iterable[Batch],
                 loss = loss_fn(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
             opt.step()
-            lr_sched.step()
+            if batch_sched is not None:
+                batch_sched.step()
             total += loss.item() * len(batch.labels)
             seen += len(batch.labels)
+        if epoch_sched is not None:
+            epoch_sched.step()
         mean_loss = total / max(1, seen)
-        ctx.reporter.epoch(epoch + 1, sched.epochs, mean_loss)
+        ctx.reporter.epoch(epoch + 1, epochs, mean_loss)
     return mean_loss
+
+
+def train_epochs(params: list[torch.nn.Parameter], loader: Iterable[Batch],
+                 loss_fn: Callable[[Batch], torch.Tensor], sched: SGDSchedule, ctx: RunContext) -> float:
+    """SGD with a per-batch cosine schedule for ``sched.epochs`` passes; returns the last epoch's mean loss."""
+    opt = torch.optim.SGD(params, lr=sched.lr, momentum=sched.momentum, weight_decay=sched.weight_decay)
+    steps = max(1, sched.epochs * len(loader))  # type: ignore[arg-type]
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=sched.min_lr)
+    return run_epochs(opt, params, loader, loss_fn, sched.epochs, ctx, batch_sched=lr_sched)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -57,22 +71,10 @@ def adam_epochs(params: list[torch.nn.Parameter], loader: Iterable[Batch], loss_
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs), eta_min=cosine_min_lr)
              if cosine_min_lr is not None else None)
-    mean_loss = float("nan")
-    for epoch in range(epochs):
-        total, seen = 0.0, 0
-        for batch in loader:
-            batch = batch.to(ctx.device)
-            with ctx.autocast():
-                loss = loss_fn(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            opt.step()
-            total += loss.item() * len(batch.labels)
-            seen += len(batch.labels)
-        if sched is not None:
-            sched.step()
-        mean_loss = total / max(1, seen)
-        ctx.reporter.epoch(epoch + 1, epochs, mean_loss)
-    return mean_loss
+    return run_epochs(opt, params, loader, loss_fn, epochs, ctx, clip_grad, epoch_sched=sched)
+
+
+def current_task_ce(logits: torch.Tensor, labels: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Cross-entropy under the train-time class mask: only classes [start, stop) compete, the same as
+    filling every other class's logit with -inf (L2P, DualPrompt, CODA-Prompt)."""
+    return F.cross_entropy(logits[:, start:stop].float(), labels - start)
