@@ -66,6 +66,7 @@ def benchmark_dirs() -> list[Path]:
 
 
 _DATASET_KEYS = set(DatasetSpec.__dataclass_fields__) - {"key"}
+_DATASET_REQUIRED = {"display", "source", "n_classes", "image_size"}
 _BENCH_KEYS = {"description", "dataset", "init", "increment", "order_seed", "backbone", "methods"}
 
 
@@ -80,6 +81,10 @@ def parse_benchmark_file(path: Path) -> list[BenchmarkSpec]:
         if unknown:
             raise ConfigError(f"{path}: dataset {key!r} has unknown keys {sorted(unknown)}",
                               f"allowed: {sorted(_DATASET_KEYS)}")
+        missing = _DATASET_REQUIRED - set(raw)
+        if missing:
+            raise ConfigError(f"{path}: dataset {key!r} lacks {sorted(missing)}",
+                              f"every [dataset.X] needs {sorted(_DATASET_REQUIRED)}")
         if raw.get("source") not in SOURCES:
             raise ConfigError(f"{path}: dataset {key!r} source must be one of {SOURCES}", "fix the file")
         if "train_scale" in raw:
@@ -92,6 +97,8 @@ def parse_benchmark_file(path: Path) -> list[BenchmarkSpec]:
             raise ConfigError(f"{path}: benchmark {name!r} has unknown keys {sorted(unknown)}",
                               f"allowed: {sorted(_BENCH_KEYS)}")
         ds = raw.get("dataset")
+        if "increment" not in raw:
+            raise ConfigError(f"{path}: benchmark {name!r} has no increment", "add increment = <classes per task>")
         if ds not in datasets:
             raise ConfigError(f"{path}: benchmark {name!r} names unknown dataset {ds!r}",
                               f"define [dataset.{ds}] in the same file")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cilbench.errors import CilbenchError
@@ -33,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="cilbench.toml to read (default: ./cilbench.toml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a setting, e.g. method.lr=0.01, run.threads=2, backbone.weights=none")
-    p.add_argument("--force", action="store_true", help="start over even if the run folder holds a run")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--force", action="store_true", help="start over even if the run folder holds a run")
+    again.add_argument("--resume", action="store_true",
+                   help="only continue an unfinished run (an unfinished run folder is resumed anyway)")
 
     sub.add_parser("list", help="registered methods and benchmarks")
 
@@ -61,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except CilbenchError as e:
         if args.debug:
             raise
-        console.print(f"[bold red]error:[/] {e.cause}")
+        console.print(f"[bold red]error:[/] {escape(e.cause)}")
         if e.remedy:
-            console.print(f"  [yellow]->[/] {e.remedy}")
+            console.print(f"  [yellow]->[/] {escape(e.remedy)}")
         return 2
 
 
@@ -76,7 +80,7 @@ def _run(args) -> int:
                      config_path=args.config, eval_every=args.eval_every)
     resolved = resolve(req)
     title = f"{resolved.method_cls.name} on {resolved.bench.name}"
-    rd = execute(resolved, lambda n: ConsoleReporter(n, title), force=args.force)
+    rd = execute(resolved, lambda n: ConsoleReporter(n, title), force=args.force, resume_only=args.resume)
     _print_summary(rd.path)
     return 0
 

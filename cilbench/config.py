@@ -21,6 +21,7 @@ from cilbench.errors import ConfigError, suggest
 
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+BAD_IMAGES = ("fail", "skip")
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,12 @@ class RunSettings:
     threads: int = 0             # torch CPU threads (0 = torch default)
     data_root: str = ""
     out_root: str = "results"
+    bad_images: str = "fail"     # an unreadable image file: "fail" naming it, or "skip" it and list it in the run
 
     def __post_init__(self):
         check_choice("run.device", self.device, DEVICES)
         check_choice("run.precision", self.precision, PRECISIONS)
+        check_choice("run.bad_images", self.bad_images, BAD_IMAGES)
         check_range("run.eval_every", self.eval_every, 1)
         check_range("run.eval_batch_size", self.eval_batch_size, 1)
         check_range("run.num_workers", self.num_workers, 0)
@@ -70,6 +73,10 @@ def load_user_config(path: str | Path | None = None) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{candidate}: unknown sections {sorted(unknown)}",
                           "allowed: [run], [data], [output], [backbone], [methods.<name>]")
+    for section in ("data", "output"):
+        extra = set(doc.get(section, {})) - {"root"}
+        if extra:
+            raise ConfigError(f"{candidate}: unknown keys {sorted(extra)} in [{section}]", f"[{section}] takes only root")
     return doc
 
 

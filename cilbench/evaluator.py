@@ -48,6 +48,7 @@ def evaluate(method: Method, data: ClassIncrementalData, splits: list[TaskSplit]
     """Per-task top-1 (%) over tasks 0..t, overall top-1 and top-5 (%) over all seen classes."""
     correct1 = torch.zeros(n_seen, dtype=torch.long)
     correct5 = torch.zeros(n_seen, dtype=torch.long)
+    counts = torch.zeros(n_seen, dtype=torch.long)  # images actually scored (skipped files excluded)
     for batch in data.test_view(n_seen, batch_size):
         logits = method.predict(batch.to(device)).float().cpu()
         if logits.shape != (len(batch.labels), n_seen):
@@ -59,10 +60,10 @@ def evaluate(method: Method, data: ClassIncrementalData, splits: list[TaskSplit]
         hit5 = (top == labels[:, None]).any(1)
         correct1 += torch.bincount(labels[hit1], minlength=n_seen)
         correct5 += torch.bincount(labels[hit5], minlength=n_seen)
-    counts = data.test_counts(n_seen)
-    per_task = np.array([100.0 * correct1[s.start:s.stop].sum().item() / max(1, counts[s.start:s.stop].sum())
+        counts += torch.bincount(labels, minlength=n_seen)
+    per_task = np.array([100.0 * correct1[s.start:s.stop].sum().item() / max(1, counts[s.start:s.stop].sum().item())
                          for s in splits])
-    total = max(1, counts.sum())
+    total = max(1, counts.sum().item())
     return per_task, 100.0 * correct1.sum().item() / total, 100.0 * correct5.sum().item() / total
 
 

@@ -37,6 +37,8 @@ class RunDir:
     def prepare(self, config: dict[str, Any], force: bool) -> bool:
         """Create or reopen the folder; returns True when an unfinished run should be resumed."""
         state = self.status()
+        if state == "unfinished":
+            self.prune_temporaries()
         if state != "new" and force:
             shutil.rmtree(self.path)
             state = "new"
@@ -59,6 +61,11 @@ class RunDir:
             return (self.path / CHECKPOINT).exists()
         atomic_write_text(self.path / "config.toml", tomli_w.dumps(config))
         return False
+
+    def prune_temporaries(self) -> None:
+        """Temporary files of writes a crash cut short (the renamed files are intact)."""
+        for tmp in self.path.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
     # ---- writing ---------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -90,9 +97,24 @@ class RunDir:
         atomic_torch_save(state, self.path / CHECKPOINT)
 
     def load_checkpoint(self) -> dict[str, Any]:
+        import pickle
+
         import torch
 
-        return torch.load(self.path / CHECKPOINT, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(self.path / CHECKPOINT, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise CilbenchError(f"the checkpoint {self.path / CHECKPOINT} cannot be read ({e})",
+                                "pass --force to start the run over") from e
+
+    def note_skipped(self, skipped: dict[str, str]) -> bool:
+        """Write skipped_images.txt; True when the list grew."""
+        path = self.path / "skipped_images.txt"
+        old = path.read_text().count("\n") if path.exists() else 0
+        if len(skipped) == old:
+            return False
+        atomic_write_text(path, "".join(f"{p}\t{e}\n" for p, e in sorted(skipped.items())))
+        return True
 
     # ---- reading ---------------------------------------------------------------------------
     def read_summary(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from cilbench.backbones.loader import load_backbone
 from cilbench.benchmark import BenchmarkSpec, get_benchmark
 from cilbench.data.sources import load_splits
 from cilbench.data.stream import ClassIncrementalData
-from cilbench.errors import CilbenchError, ConfigError
+from cilbench.errors import CilbenchError, ConfigError, suggest
 from cilbench.evaluator import Evaluator, seed_everything
 from cilbench.method import BenchmarkInfo, Method, Reporter, RunContext
 from cilbench.registry import METHODS
@@ -72,6 +72,10 @@ def resolve(req: RunRequest) -> ResolvedRun:
     if run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but CUDA is not available here", "use --device cpu")
     user_methods = user.get("methods", {})
+    for name in user_methods:
+        if name not in METHODS.names():
+            raise ConfigError(f"cilbench.toml: [methods.{name}] names no registered method",
+                              suggest(name, METHODS.names()))
     synthetic = method_cls.synthetic_defaults if bench.dataset.source == "synthetic" else {}
     method_cfg = C.build(method_cls.Config, [
         (f"{method_cls.name} synthetic defaults", synthetic),
@@ -87,15 +91,19 @@ class _Interrupt(Exception):
     pass
 
 
-def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False) -> RunDir:
+def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, resume_only: bool = False) -> RunDir:
+    """Run (or resume) one run. ``resume_only`` refuses to start a run that has nothing to resume."""
     bench, run = resolved.bench, resolved.run
     if run.threads:
         torch.set_num_threads(run.threads)
     rd = RunDir(resolved.run_dir)
+    if resume_only and rd.status() != "unfinished":
+        raise CilbenchError(f"--resume: {rd.path} holds no unfinished run (it is {rd.status()})",
+                            "drop --resume to start a new run, or check --out and --name")
     resume = rd.prepare(resolved.as_toml_dict(), force=force)
     device = torch.device(run.device)
     seed_everything(run.seed)
-    train, test = load_splits(bench.dataset, Path(run.data_root) if run.data_root else None)
+    train, test = load_splits(bench.dataset, Path(run.data_root) if run.data_root else None, run.bad_images)
     data = ClassIncrementalData(train, test, bench.n_classes, bench.splits, bench.order_seed, run.num_workers)
     backbone = load_backbone(resolved.backbone, normalize=bench.dataset.normalize)
     if backbone.img_size != bench.dataset.image_size:
@@ -132,6 +140,7 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False) -
                 reporter.start_task(t)
                 event = ev.run_task(t)
                 _save(rd, ev, event, resolved, final=t == n_tasks - 1)
+                _report_skipped(rd, (train, test), reporter)
                 acc = f"A_t {event['acc']:.2f}%" if event["acc"] is not None else "not evaluated"
                 reporter.end_task(t, f"{acc} learn {event['learn_s']:.1f}s eval {event['eval_s']:.1f}s")
     except _Interrupt:
@@ -146,13 +155,33 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False) -
 
 
 def _save(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, final: bool) -> None:
-    """Event line, then the checkpoint (signals deferred so the write is never torn), then summaries."""
+    """Event line, checkpoint, summaries, with Ctrl-C/SIGTERM deferred until all are written.
+
+    Every file is replaced atomically, so a failed write (disk full) or a SIGKILL leaves the previous
+    task's files; the event log is truncated back to the checkpoint on resume.
+    """
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         rd.append_event(event)
         rd.save_checkpoint(ev.checkpoint_state())
+        _write_summaries(rd, ev, event, resolved, final)
+    except OSError as e:
+        raise CilbenchError(f"could not write the results of task {ev.state.tasks_done} to {rd.path}: "
+                            f"{e.strerror or e}; the files of the tasks before it are intact",
+                            "free disk space (or fix the folder's permissions) and run the same command "
+                            "again to resume") from e
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _report_skipped(rd: RunDir, splits, reporter: Reporter) -> None:
+    """With run.bad_images = "skip": list every skipped file in the run folder and say so once."""
+    skipped = {p: e for split in splits for p, e in getattr(split, "skipped", {}).items()}
+    if skipped and rd.note_skipped(skipped):
+        reporter.log(f"skipped {len(skipped)} unreadable image(s); list in {rd.path / 'skipped_images.txt'}")
+
+
+def _write_summaries(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, final: bool) -> None:
     s = ev.state
     d = s.tasks_done
     summary = {"status": "finished" if final else "running", "benchmark": resolved.bench.name,

@@ -21,6 +21,11 @@ dataset = "tiny"
 init = 4
 increment = 4
 
+[benchmark.tiny-6]
+description = "12 synthetic classes, B2 Inc2 (the kill tests)"
+dataset = "tiny"
+increment = 2
+
 [benchmark.tiny-ragged]
 dataset = "tiny"
 increment = 5

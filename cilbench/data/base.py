@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from cilbench import faults
 from cilbench.data.transforms import AugmentConfig
 
 
@@ -50,7 +51,8 @@ class SampleView:
     """A re-iterable loader over some samples of a split, with remapped labels."""
 
     def __init__(self, split: ImageSplit, indices: np.ndarray, label_of: np.ndarray, batch_size: int,
-                 shuffle: bool, augment: bool, seed: int, num_workers: int = 0):
+                 shuffle: bool, augment: bool, seed: int, num_workers: int = 0, role: str = "train"):
+        self.role = role  # "train" | "test": names the crash-injection point (cilbench.faults)
         self.split, self.indices, self.label_of = split, np.asarray(indices), label_of
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.seed, self.num_workers = seed, num_workers
@@ -71,5 +73,6 @@ class SampleView:
         if self.shuffle:
             order = order[torch.randperm(len(order), generator=gen).numpy()]
         for images, keys in self.split.read(order, self.batch_size, self.augment, gen, self.num_workers):
+            faults.point(self.role)
             labels = torch.as_tensor(self.label_of[self.split.targets[keys.numpy()]], dtype=torch.long)
             yield Batch(images, labels, keys, self.split.name, self.augment)

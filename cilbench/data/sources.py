@@ -26,7 +26,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CILBENCH_CACHE", Path.home() / ".cache" / "cilbench"))
 
 
-def load_splits(spec: DatasetSpec, data_root: Path | None) -> tuple[ImageSplit, ImageSplit]:
+def load_splits(spec: DatasetSpec, data_root: Path | None,
+                bad_images: str = "fail") -> tuple[ImageSplit, ImageSplit]:
+    """``bad_images``: what an unreadable image file does -- "fail" (name it) or "skip" (record it)."""
     aug = AugmentConfig(size=spec.image_size, scale=tuple(spec.train_scale))
     if spec.source == "synthetic":
         return tuple(_synthetic(spec, split, aug) for split in ("train", "test"))  # type: ignore[return-value]
@@ -36,7 +38,7 @@ def load_splits(spec: DatasetSpec, data_root: Path | None) -> tuple[ImageSplit, 
     folder = Path(data_root).expanduser() / spec.folder
     if spec.source == "cifar100":
         return _cifar100(spec, folder, aug)
-    return _image_folder(spec, folder, aug)
+    return _image_folder(spec, folder, aug, bad_images)
 
 
 def _layout_hint(spec: DatasetSpec, folder: Path) -> str:
@@ -44,7 +46,8 @@ def _layout_hint(spec: DatasetSpec, folder: Path) -> str:
             f"with {spec.n_classes} class folders each; data: {spec.published or 'see the benchmark file'}")
 
 
-def _image_folder(spec: DatasetSpec, folder: Path, aug: AugmentConfig) -> tuple[ImageSplit, ImageSplit]:
+def _image_folder(spec: DatasetSpec, folder: Path, aug: AugmentConfig,
+                  bad_images: str) -> tuple[ImageSplit, ImageSplit]:
     if not folder.is_dir():
         raise DataError(f"dataset {spec.display} not found at {folder}", _layout_hint(spec, folder))
     for part in ("train", "test"):
@@ -61,8 +64,8 @@ def _image_folder(spec: DatasetSpec, folder: Path, aug: AugmentConfig) -> tuple[
     if len(train_classes) != spec.n_classes:
         raise DataError(f"{folder} has {len(train_classes)} classes; {spec.display} has {spec.n_classes}",
                         _layout_hint(spec, folder))
-    return (FolderSplit(f"{spec.key}/train", folder / "train", train_classes, spec.image_size, aug),
-            FolderSplit(f"{spec.key}/test", folder / "test", train_classes, spec.image_size, aug))
+    return tuple(FolderSplit(f"{spec.key}/{part}", folder / part, train_classes, spec.image_size, aug, bad_images)
+                 for part in ("train", "test"))  # type: ignore[return-value]
 
 
 def _cifar100(spec: DatasetSpec, folder: Path, aug: AugmentConfig) -> tuple[ImageSplit, ImageSplit]:

@@ -24,10 +24,7 @@ class ClassIncrementalData:
 
     def test_view(self, n_seen: int, batch_size: int) -> SampleView:
         return SampleView(self.test, self._test_index.between(0, n_seen), self.label_of, batch_size,
-                          shuffle=False, augment=False, seed=0, num_workers=self.num_workers)
-
-    def test_counts(self, n_seen: int) -> np.ndarray:
-        return self._test_index.counts[:n_seen]
+                          shuffle=False, augment=False, seed=0, num_workers=self.num_workers, role="test")
 
 
 class _LabelIndex:
