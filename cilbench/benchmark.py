@@ -47,6 +47,7 @@ class BenchmarkSpec:
     order_seed: int = 1993
     backbone: str = "embedded-tiny"
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    online: bool = False          # every method streams each training sample once (run.online overrides)
 
     @property
     def n_classes(self) -> int:
@@ -67,7 +68,7 @@ def benchmark_dirs() -> list[Path]:
 
 _DATASET_KEYS = set(DatasetSpec.__dataclass_fields__) - {"key"}
 _DATASET_REQUIRED = {"display", "source", "n_classes", "image_size"}
-_BENCH_KEYS = {"description", "dataset", "init", "increment", "order_seed", "backbone", "methods"}
+_BENCH_KEYS = {"description", "dataset", "init", "increment", "order_seed", "backbone", "methods", "online"}
 
 
 def parse_benchmark_file(path: Path) -> list[BenchmarkSpec]:
@@ -107,7 +108,8 @@ def parse_benchmark_file(path: Path) -> list[BenchmarkSpec]:
             init=int(raw.get("init", 0)), increment=int(raw["increment"]),
             order_seed=int(raw.get("order_seed", 1993)),
             backbone=raw.get("backbone", "embedded-tiny"),
-            method_overrides={k: dict(v) for k, v in raw.get("methods", {}).items()}))
+            method_overrides={k: dict(v) for k, v in raw.get("methods", {}).items()},
+            online=bool(raw.get("online", False))))
     return specs
 
 

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output root (default: results/)")
     p.add_argument("--name", help="run folder name (default: <bench>__<method>__s<seed>)")
     p.add_argument("--eval-every", type=int)
+    p.add_argument("--shots", type=int, help="few-shot protocol: N training images per class")
+    p.add_argument("--online", action=argparse.BooleanOptionalAction, default=None,
+                   help="online protocol: stream each training sample once (default: the method's/benchmark's)")
     p.add_argument("--config", help="cilbench.toml to read (default: ./cilbench.toml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a setting, e.g. method.lr=0.01, run.threads=2, backbone.weights=none")
@@ -77,7 +80,9 @@ def _run(args) -> int:
 
     req = RunRequest(method=args.method, bench=args.bench, seed=args.seed, device=args.device,
                      data_root=args.data_root, out=args.out, name=args.name, sets=args.set,
-                     config_path=args.config, eval_every=args.eval_every)
+                     config_path=args.config, eval_every=args.eval_every, shots=args.shots)
+    if args.online is not None:
+        req.sets = [*req.sets, f"run.online={str(args.online).lower()}"]
     resolved = resolve(req)
     title = f"{resolved.method_cls.name} on {resolved.bench.name}"
     rd = execute(resolved, lambda n: ConsoleReporter(n, title), force=args.force, resume_only=args.resume)

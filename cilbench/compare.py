@@ -168,9 +168,21 @@ def format_cell(mean: float, std: float, key: str) -> str:
     return text
 
 
+def with_label(method: str) -> str:
+    """``rwf`` -> ``rwf: RwF-style (re-implementation)``: re-implementations say so in every table."""
+    from cilbench.registry import METHODS
+
+    name = method.split(" ")[0]
+    if name not in METHODS.names() or method.endswith("(published)"):
+        return method
+    label = getattr(METHODS.get(name), "label", "")
+    return f"{method}: {label}" if label else method
+
+
 def display_table(df: pd.DataFrame) -> pd.DataFrame:
     """Human-readable strings ("mean ± std") for Markdown and rich."""
-    out = pd.DataFrame({"method": df.method, "benchmark": df.benchmark, "seeds": df.seeds, "status": df.status})
+    out = pd.DataFrame({"method": [with_label(m) for m in df.method], "benchmark": df.benchmark,
+                        "seeds": df.seeds, "status": df.status})
     for k, label in METRICS.items():
         std = df[f"{k}_std"] if f"{k}_std" in df else pd.Series(np.nan, index=df.index)
         out[label] = [format_cell(m, s, k) for m, s in zip(df[k], std)]

@@ -36,6 +36,10 @@ class RunSettings:
     data_root: str = ""
     out_root: str = "results"
     bad_images: str = "fail"     # an unreadable image file: "fail" naming it, or "skip" it and list it in the run
+    shots: int = 0               # few-shot protocol: N training images per class (0 = all)
+    online: bool | None = None   # online protocol; unset = the benchmark's or the method's default
+    online_batch_size: int = 0   # online stream batch size (0 = the method's batch size)
+    online_iters: int = 1        # online: gradient steps allowed on each streamed batch
 
     def __post_init__(self):
         check_choice("run.device", self.device, DEVICES)
@@ -45,6 +49,11 @@ class RunSettings:
         check_range("run.eval_batch_size", self.eval_batch_size, 1)
         check_range("run.num_workers", self.num_workers, 0)
         check_range("run.threads", self.threads, 0)
+        check_range("run.shots", self.shots, 0)
+        check_range("run.online_batch_size", self.online_batch_size, 0)
+        check_range("run.online_iters", self.online_iters, 1)
+        if self.online not in (None, True, False):
+            raise ConfigError(f"run.online = {self.online!r} is not allowed", "use true or false")
 
 
 def check_choice(key: str, value: Any, choices: tuple) -> None:

@@ -94,10 +94,19 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+@dataclass(frozen=True)
+class OnlineProtocol:
+    """Online continual learning: each training sample streamed once, in batches of ``batch_size``
+    (0 = the method's), with ``iters`` gradient steps allowed per batch."""
+    enabled: bool = False
+    batch_size: int = 0
+    iters: int = 1
+
+
 class Evaluator:
     def __init__(self, method: Method, data: ClassIncrementalData, ctx: RunContext, eval_every: int = 1,
-                 eval_batch_size: int = 256, run_dir=None, reporter=None):
-        self.method, self.data, self.ctx = method, data, ctx
+                 eval_batch_size: int = 256, run_dir=None, reporter=None, online: OnlineProtocol = OnlineProtocol()):
+        self.method, self.data, self.ctx, self.online = method, data, ctx, online
         self.splits = data.splits
         self.eval_every, self.eval_batch_size = eval_every, eval_batch_size
         self.run_dir, self.reporter = run_dir, reporter
@@ -124,7 +133,8 @@ class Evaluator:
     def run_task(self, t: int) -> dict:
         split = self.splits[t]
         task = Task(index=t, n_tasks=len(self.splits), start=split.start, stop=split.stop, data=self.data,
-                    seed=self.ctx.seed, allow_past_data=self.method.uses_past_data)
+                    seed=self.ctx.seed, allow_past_data=self.method.uses_past_data, online=self.online.enabled,
+                    online_batch_size=self.online.batch_size, iters_per_batch=self.online.iters)
         if self.ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.ctx.device)
         t0 = time.perf_counter()

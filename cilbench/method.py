@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from cilbench.backbones.vit import ViTBackbone
-from cilbench.data.base import Batch, SampleView
+from cilbench.data.base import Batch, SampleView, SinglePass, stream_reused
 from cilbench.data.stream import ClassIncrementalData
 
 
@@ -75,6 +75,10 @@ class Task:
     data: ClassIncrementalData = field(repr=False)
     seed: int = 0
     allow_past_data: bool = False
+    online: bool = False          # online protocol: one loader, one pass (see ``train_loader``)
+    online_batch_size: int = 0    # the protocol's stream batch size (0 = the method's own)
+    iters_per_batch: int = 1      # online: gradient steps a method may take on each streamed batch
+    _streamed: bool = field(default=False, repr=False)
     _streams: Callable[[], int] = field(default_factory=lambda: itertools.count().__next__, repr=False)
 
     @property
@@ -89,8 +93,16 @@ class Task:
     def total(self) -> int:
         return self.stop
 
-    def train_loader(self, batch_size: int, shuffle: bool = True, augment: bool = True) -> SampleView:
-        return self.data.train_view(self.start, self.stop, batch_size, shuffle, augment, self._next_seed())
+    def train_loader(self, batch_size: int, shuffle: bool = True, augment: bool = True) -> SampleView | SinglePass:
+        """The task's training data. Online: the stream (shuffled, each sample once), at most one."""
+        if not self.online:
+            return self.data.train_view(self.start, self.stop, batch_size, shuffle, augment, self._next_seed())
+        if self._streamed:
+            raise stream_reused(self.index)
+        self._streamed = True
+        view = self.data.train_view(self.start, self.stop, self.online_batch_size or batch_size, True, augment,
+                                    self._next_seed())
+        return SinglePass(view, self.index)
 
     def seen_train_loader(self, batch_size: int, shuffle: bool = True, augment: bool = True) -> SampleView:
         """All training data of classes seen so far: only for reference upper bounds (``joint``)."""
@@ -112,8 +124,9 @@ class ParamCost:
 
 class Method(abc.ABC):
     name: ClassVar[str] = ""
+    label: ClassVar[str] = ""               # how tables name it when not just ``name`` (re-implementations)
     Config: ClassVar[type]
-    online: ClassVar[bool] = False          # evaluator streams each training sample exactly once
+    online: ClassVar[bool] = False          # runs the online protocol unless run.online says otherwise
     uses_past_data: ClassVar[bool] = False  # reference upper bounds only
     # Scaled-down hyper-parameters applied on synthetic benchmarks (CPU-sized), below every
     # benchmark/user/CLI setting; each method documents its own.

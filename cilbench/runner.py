@@ -1,6 +1,7 @@
 """Assemble and execute one run: config -> data, backbone, method -> evaluator loop -> run folder."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -16,7 +17,7 @@ from cilbench.benchmark import BenchmarkSpec, get_benchmark
 from cilbench.data.sources import load_splits
 from cilbench.data.stream import ClassIncrementalData
 from cilbench.errors import CilbenchError, ConfigError, suggest
-from cilbench.evaluator import Evaluator, seed_everything
+from cilbench.evaluator import Evaluator, OnlineProtocol, seed_everything
 from cilbench.method import BenchmarkInfo, Method, Reporter, RunContext
 from cilbench.registry import METHODS
 from cilbench.report import run_curves
@@ -35,6 +36,7 @@ class RunRequest:
     sets: list[str] = field(default_factory=list)
     config_path: str | None = None
     eval_every: int | None = None
+    shots: int | None = None
 
 
 @dataclass
@@ -63,12 +65,15 @@ def resolve(req: RunRequest) -> ResolvedRun:
     if "root" in user.get("output", {}):
         run_layer["out_root"] = user["output"]["root"]
     flags = {k: v for k, v in {"seed": req.seed, "device": req.device, "data_root": req.data_root,
-                               "out_root": req.out, "eval_every": req.eval_every}.items() if v is not None}
+                               "out_root": req.out, "eval_every": req.eval_every, "shots": req.shots}.items()
+             if v is not None}
     if "root" in cli.get("data", {}):
         flags["data_root"] = cli["data"]["root"]
     env = {"data_root": os.environ["CILBENCH_DATA"]} if os.environ.get("CILBENCH_DATA") else {}
     run = C.build(C.RunSettings, [("cilbench.toml", run_layer), ("$CILBENCH_DATA", env),
                                   ("--set run.*", cli.get("run", {})), ("command line", flags)])
+    if run.online is None:  # the benchmark's protocol, else the method's own (RwF is an online method)
+        run = dataclasses.replace(run, online=bench.online or method_cls.online)
     if run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but CUDA is not available here", "use --device cpu")
     user_methods = user.get("methods", {})
@@ -83,8 +88,13 @@ def resolve(req: RunRequest) -> ResolvedRun:
         (f"cilbench.toml [methods.{method_cls.name}]", user_methods.get(method_cls.name, {})),
         ("--set method.*", cli.get("method", {}))])
     backbone = C.build_backbone_config(bench.backbone, user.get("backbone", {}), cli.get("backbone", {}))
-    run_id = req.name or f"{bench.name}__{method_cls.name}__s{run.seed}"
+    run_id = req.name or f"{protocol_label(bench.name, run).replace('+', '__')}__{method_cls.name}__s{run.seed}"
     return ResolvedRun(bench, method_cls, method_cfg, run, backbone, Path(run.out_root) / run_id)
+
+
+def protocol_label(bench: str, run: C.RunSettings) -> str:
+    """The benchmark as tables show it: ``synth-10``, ``synth-10+5shot``, ``synth-301+online``."""
+    return bench + (f"+{run.shots}shot" if run.shots else "") + ("+online" if run.online else "")
 
 
 class _Interrupt(Exception):
@@ -104,7 +114,8 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
     device = torch.device(run.device)
     seed_everything(run.seed)
     train, test = load_splits(bench.dataset, Path(run.data_root) if run.data_root else None, run.bad_images)
-    data = ClassIncrementalData(train, test, bench.n_classes, bench.splits, bench.order_seed, run.num_workers)
+    data = ClassIncrementalData(train, test, bench.n_classes, bench.splits, bench.order_seed, run.num_workers,
+                                run.shots)
     backbone = load_backbone(resolved.backbone, normalize=bench.dataset.normalize)
     if backbone.img_size != bench.dataset.image_size:
         raise ConfigError(f"backbone {backbone.name} expects {backbone.img_size}px images, "
@@ -117,7 +128,8 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
     info = BenchmarkInfo(bench.name, bench.n_classes, n_tasks, tuple(len(s) for s in bench.splits),
                          bench.dataset.image_size)
     method.setup(backbone, info)
-    ev = Evaluator(method, data, ctx, run.eval_every, run.eval_batch_size, rd, reporter)
+    ev = Evaluator(method, data, ctx, run.eval_every, run.eval_batch_size, rd, reporter,
+                   OnlineProtocol(run.online, run.online_batch_size, run.online_iters))
     if resume:
         ckpt = rd.load_checkpoint()
         ev.restore(ckpt)
@@ -184,7 +196,8 @@ def _report_skipped(rd: RunDir, splits, reporter: Reporter) -> None:
 def _write_summaries(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, final: bool) -> None:
     s = ev.state
     d = s.tasks_done
-    summary = {"status": "finished" if final else "running", "benchmark": resolved.bench.name,
+    summary = {"status": "finished" if final else "running",
+               "benchmark": protocol_label(resolved.bench.name, resolved.run),
                "method": resolved.method_cls.name, "seed": resolved.run.seed,
                "metrics": s.summary().as_dict(), "cost": event["cost"],
                "learn_s_total": round(s.learn_s_total, 3), "eval_s_total": round(s.eval_s_total, 3),

@@ -76,3 +76,35 @@ class SampleView:
             faults.point(self.role)
             labels = torch.as_tensor(self.label_of[self.split.targets[keys.numpy()]], dtype=torch.long)
             yield Batch(images, labels, keys, self.split.name, self.augment)
+
+
+class SinglePass:
+    """The online protocol's view of a task: one pass, each sample exactly once, then exhausted.
+
+    A method that reads the task again (a second epoch, a prototype pass) gets an error, not
+    silently re-used data: such a method needs the offline protocol.
+    """
+
+    def __init__(self, view: SampleView, task_index: int):
+        self.view, self.task_index = view, task_index
+        self.used = False
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    @property
+    def n_samples(self) -> int:
+        return self.view.n_samples
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.used:
+            raise stream_reused(self.task_index)
+        self.used = True
+        yield from self.view
+
+
+def stream_reused(task_index: int) -> Exception:
+    from cilbench.errors import CilbenchError
+
+    return CilbenchError(f"online protocol: the method read task {task_index + 1}'s stream twice",
+                         "run it offline (--set run.online=false), or set its epochs to 1 if it has them")

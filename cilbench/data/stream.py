@@ -9,12 +9,16 @@ from cilbench.protocol import TaskSplit, class_order, label_map
 
 class ClassIncrementalData:
     def __init__(self, train: ImageSplit, test: ImageSplit, n_classes: int, splits: list[TaskSplit],
-                 order_seed: int, num_workers: int = 0):
+                 order_seed: int, num_workers: int = 0, shots: int = 0):
+        """``shots`` > 0: the few-shot protocol, N training images per class (the same N for every
+        method: a fixed draw seeded by ``order_seed``)."""
         self.train, self.test, self.splits = train, test, splits
         self.order = class_order(n_classes, order_seed)
         self.label_of = label_map(self.order)
         self.num_workers = num_workers
-        self._train_index = _LabelIndex(self.label_of[train.targets], n_classes)
+        train_labels = self.label_of[train.targets]
+        keep = few_shot(train_labels, shots, order_seed) if shots else None
+        self._train_index = _LabelIndex(train_labels, n_classes, keep)
         self._test_index = _LabelIndex(self.label_of[test.targets], n_classes)
 
     def train_view(self, start: int, stop: int, batch_size: int, shuffle: bool, augment: bool,
@@ -27,10 +31,24 @@ class ClassIncrementalData:
                           shuffle=False, augment=False, seed=0, num_workers=self.num_workers, role="test")
 
 
+def few_shot(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """Indices of ``shots`` samples per class (all of a class that has fewer), drawn at random."""
+    perm = np.random.RandomState(seed).permutation(len(labels))
+    by_class = perm[np.argsort(labels[perm], kind="stable")]
+    sorted_labels = labels[by_class]
+    first = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = np.arange(len(labels)) - first
+    return np.sort(by_class[rank < shots])
+
+
 class _LabelIndex:
     """Sample indices sorted by remapped label, so any label range is one slice."""
 
-    def __init__(self, labels: np.ndarray, n_classes: int):
+    def __init__(self, labels: np.ndarray, n_classes: int, keep: np.ndarray | None = None):
+        if keep is not None:  # a subset (few-shot): index only those samples
+            masked = np.full(len(labels), n_classes)
+            masked[keep] = labels[keep]
+            labels = masked
         self.sorted = np.argsort(labels, kind="stable")
         self.bounds = np.searchsorted(labels[self.sorted], np.arange(n_classes + 1))
         self.counts = np.diff(self.bounds)
