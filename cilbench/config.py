@@ -56,6 +56,13 @@ class RunSettings:
             raise ConfigError(f"run.online = {self.online!r} is not allowed", "use true or false")
 
 
+# Settings added after 0.1, with the value that reproduces the behaviour before them: a run folder
+# written before a setting existed resumes when the setting has that value (see RunDir.prepare).
+ADDED_SETTINGS: dict[str, dict[str, Any]] = {
+    "run": {"bad_images": "fail", "shots": 0, "online": False, "online_batch_size": 0, "online_iters": 1},
+}
+
+
 def check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{key} = {value!r} is not allowed", f"choose one of {', '.join(map(str, choices))}")

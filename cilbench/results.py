@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import tomli_w
+import tomllib
 
 from cilbench.errors import CilbenchError
 from cilbench.ioutil import atomic_torch_save, atomic_write_json, atomic_write_text
@@ -54,8 +55,8 @@ class RunDir:
             raise CilbenchError(f"cannot write to {self.path}: {e.strerror}",
                                 "choose a writable folder with --out or [output] root") from e
         if state == "unfinished" and (self.path / "config.toml").exists():
-            old = (self.path / "config.toml").read_text()
-            if old != tomli_w.dumps(config):
+            old = tomllib.loads((self.path / "config.toml").read_text())
+            if old != _without_added_settings(config, old):
                 raise CilbenchError(f"{self.path} holds an unfinished run with a different configuration",
                                     "resume with the same settings, or pass --force to start over")
             return (self.path / CHECKPOINT).exists()
@@ -125,6 +126,19 @@ class RunDir:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _without_added_settings(config: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """``config`` minus the settings newer than the ``old`` run that keep their old behaviour, so a run
+    started by an older cilbench resumes after an upgrade."""
+    from cilbench.config import ADDED_SETTINGS
+
+    out = dict(config)
+    for section, added in ADDED_SETTINGS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items()
+                            if k in old.get(section, {}) or k not in added or added[k] != v}
+    return out
 
 
 def _plain(o: Any):

@@ -148,6 +148,8 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
     started = time.time()
     try:
         with reporter:
+            if ev.state.tasks_done == n_tasks:  # killed after the last checkpoint, before the summaries
+                _write_summaries(rd, ev, rd.read_events()[-1], resolved, final=True)
             for t in range(ev.state.tasks_done, n_tasks):
                 reporter.start_task(t)
                 event = ev.run_task(t)

@@ -14,7 +14,9 @@ with every assumption an option (A# = the spec's labels):
   token embeddings. A5: ``train_proj`` lists the projections that learn (default W_Q and W_O; the
   queries and LayerNorms always learn).
 - A6: cross-entropy over the classes seen so far (unseen classes' logits masked); no replay, no
-  distillation, no task identity at train or test time. ``classifier``: ``linear`` or ``cosine``
+  distillation, no task identity at train or test time. ``loss_mask = "batch"`` restricts it to the
+  classes present in the batch (the OCL codebases' remedy for the head's bias to new classes; v1 of
+  the paper does not say which it uses). ``classifier``: ``linear`` or ``cosine``
   (σ-scaled, learnable σ).
 - A7: online by default: each streamed batch gets ``run.online_iters`` Adam steps (1 = faithful).
   ``--set run.online=false`` is the offline variant: ``epochs`` passes per task.
@@ -49,6 +51,7 @@ class RwFConfig:
     beta: float = 0.0                     # 0 = 1/sqrt(d)
     train_proj: tuple[str, ...] = ("q", "o")  # A5: of q, k, v, o
     classifier: Literal["linear", "cosine"] = "linear"
+    loss_mask: Literal["seen", "batch"] = "seen"  # A6: CE over seen classes, or over the batch's classes
     lr: float = 0.001                     # A9
     batch_size: int = 16                  # stream batch unless run.online_batch_size is set
     epochs: int = 1                       # offline variant only
@@ -128,7 +131,7 @@ class RwF(Method):
                 batch = batch.to(self.ctx.device)
                 for _ in range(steps):
                     with self.ctx.autocast():
-                        loss = F.cross_entropy(self.logits(batch.images).float(), batch.labels)
+                        loss = self.loss(self.logits(batch.images).float(), batch.labels)
                     self.opt.zero_grad(set_to_none=True)
                     loss.backward()
                     self.opt.step()
@@ -136,6 +139,13 @@ class RwF(Method):
                 seen += len(batch.labels)
             self.ctx.reporter.epoch(epoch + 1, passes, total / max(1, seen))
         self.hooks.eval()
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.cfg.loss_mask == "batch":
+            absent = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+            absent[labels] = False
+            logits = logits.masked_fill(absent, float("-inf"))
+        return F.cross_entropy(logits, labels)
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:

@@ -224,6 +224,27 @@ BAD_INPUTS = [
 ]
 
 
+def test_a_run_from_before_a_setting_existed_resumes_after_the_upgrade(tmp_path):
+    import tomli_w
+    import tomllib
+
+    argv = ["run", "--method", "simplecil", "--bench", "tiny-3", "--out", str(tmp_path), "--name", "old"]
+    assert main(argv) == 0
+    run_dir = tmp_path / "old"
+    cfg = tomllib.loads((run_dir / "config.toml").read_text())
+    del cfg["run"]["shots"], cfg["run"]["online"]  # as written by a cilbench without these settings
+    (run_dir / "config.toml").write_text(tomli_w.dumps(cfg))
+    _finish(run_dir)
+    summary = run_dir / "summary.json"
+    summary.write_text(summary.read_text().replace('"finished"', '"running"'))
+    assert main(argv) == 0  # resumed: nothing left to run, the summaries are completed
+    assert '"finished"' in summary.read_text() and (run_dir / "curves.png").exists()
+    assert main([*argv[:-2], "--name", "old", "--force"]) == 0
+    (run_dir / "config.toml").write_text(tomli_w.dumps(cfg))
+    summary.write_text(summary.read_text().replace('"finished"', '"running"'))
+    assert main([*argv, "--shots", "2"]) == 2  # a new setting at a new value is a different run
+
+
 def test_benchmark_file_missing_a_field_is_a_config_error(tmp_path):
     from cilbench.benchmark import parse_benchmark_file
     from cilbench.errors import ConfigError

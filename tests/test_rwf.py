@@ -116,3 +116,13 @@ def test_state_round_trip_includes_the_optimizer():
     images = torch.rand(3, 3, 32, 32)
     torch.testing.assert_close(a.logits(images), b.logits(images))
     assert b.opt.state_dict()["state"].keys() == a.opt.state_dict()["state"].keys() != set()
+
+
+def test_batch_mask_lets_only_the_batch_classes_compete():
+    method, _ = rwf(loss_mask="batch")
+    logits = torch.randn(4, 6, requires_grad=True)
+    labels = torch.tensor([1, 1, 4, 1])
+    method.loss(logits, labels).backward()
+    assert torch.all(logits.grad[:, [0, 2, 3, 5]] == 0) and torch.all(logits.grad[:, [1, 4]] != 0)
+    expected = F.cross_entropy(logits.detach()[:, [1, 4]], torch.tensor([0, 0, 1, 0]))
+    torch.testing.assert_close(method.loss(logits.detach(), labels), expected)
