@@ -59,8 +59,22 @@ def _settings(path: Path) -> dict:
     if not cfg_file.exists():
         return {}
     cfg = tomllib.loads(cfg_file.read_text())
-    return {f"{'method' if sec == 'method_config' else sec}.{k}": v
-            for sec in SETTING_SECTIONS for k, v in cfg.get(sec, {}).items()}
+    settings = {f"{'method' if sec == 'method_config' else sec}.{k}": v
+                for sec in SETTING_SECTIONS for k, v in cfg.get(sec, {}).items()}
+    return {**_method_defaults(cfg.get("method", "")), **settings}
+
+
+def _method_defaults(method: str) -> dict:
+    """A method's current defaults, standing in for options added after an older run was made
+    (new options default to the old behaviour), so such runs still separate into variants."""
+    import dataclasses
+
+    from cilbench.registry import METHODS
+
+    if method not in METHODS.names():
+        return {}
+    return {f"method.{f.name}": (list(f.default) if isinstance(f.default, tuple) else f.default)
+            for f in dataclasses.fields(METHODS.get(method).Config) if f.default is not dataclasses.MISSING}
 
 
 def label_variants(runs: list[Run]) -> list[Run]:
