@@ -80,9 +80,7 @@ def _run(args) -> int:
 
     req = RunRequest(method=args.method, bench=args.bench, seed=args.seed, device=args.device,
                      data_root=args.data_root, out=args.out, name=args.name, sets=args.set,
-                     config_path=args.config, eval_every=args.eval_every, shots=args.shots)
-    if args.online is not None:
-        req.sets = [*req.sets, f"run.online={str(args.online).lower()}"]
+                     config_path=args.config, eval_every=args.eval_every, shots=args.shots, online=args.online)
     resolved = resolve(req)
     title = f"{resolved.method_cls.name} on {resolved.bench.name}"
     rd = execute(resolved, lambda n: ConsoleReporter(n, title), force=args.force, resume_only=args.resume)

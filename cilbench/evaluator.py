@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cilbench.data.stream import ClassIncrementalData
-from cilbench.method import Method, RunContext, Task
+from cilbench.method import Method, OnlineProtocol, RunContext, Task
 from cilbench.metrics import summarize
 from cilbench.protocol import TaskSplit
 
@@ -94,15 +94,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-@dataclass(frozen=True)
-class OnlineProtocol:
-    """Online continual learning: each training sample streamed once, in batches of ``batch_size``
-    (0 = the method's), with ``iters`` gradient steps allowed per batch."""
-    enabled: bool = False
-    batch_size: int = 0
-    iters: int = 1
-
-
 class Evaluator:
     def __init__(self, method: Method, data: ClassIncrementalData, ctx: RunContext, eval_every: int = 1,
                  eval_batch_size: int = 256, run_dir=None, reporter=None, online: OnlineProtocol = OnlineProtocol()):
@@ -133,8 +124,7 @@ class Evaluator:
     def run_task(self, t: int) -> dict:
         split = self.splits[t]
         task = Task(index=t, n_tasks=len(self.splits), start=split.start, stop=split.stop, data=self.data,
-                    seed=self.ctx.seed, allow_past_data=self.method.uses_past_data, online=self.online.enabled,
-                    online_batch_size=self.online.batch_size, iters_per_batch=self.online.iters)
+                    seed=self.ctx.seed, allow_past_data=self.method.uses_past_data, online=self.online)
         if self.ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.ctx.device)
         t0 = time.perf_counter()

@@ -64,6 +64,15 @@ class RunContext:
         return torch.autocast("cuda", dtype=dtype)
 
 
+@dataclass(frozen=True)
+class OnlineProtocol:
+    """Online continual learning: each training sample streamed once, in batches of ``batch_size``
+    (0 = the method's), with ``iters`` gradient steps allowed per batch."""
+    enabled: bool = False
+    batch_size: int = 0
+    iters: int = 1
+
+
 @dataclass
 class Task:
     """What ``learn`` gets: the task's classes and a factory for loaders over its training data."""
@@ -75,9 +84,7 @@ class Task:
     data: ClassIncrementalData = field(repr=False)
     seed: int = 0
     allow_past_data: bool = False
-    online: bool = False          # online protocol: one loader, one pass (see ``train_loader``)
-    online_batch_size: int = 0    # the protocol's stream batch size (0 = the method's own)
-    iters_per_batch: int = 1      # online: gradient steps a method may take on each streamed batch
+    online: OnlineProtocol = OnlineProtocol()  # enabled: one loader, one pass (see ``train_loader``)
     _streamed: bool = field(default=False, repr=False)
     _streams: Callable[[], int] = field(default_factory=lambda: itertools.count().__next__, repr=False)
 
@@ -95,12 +102,12 @@ class Task:
 
     def train_loader(self, batch_size: int, shuffle: bool = True, augment: bool = True) -> SampleView | SinglePass:
         """The task's training data. Online: the stream (shuffled, each sample once), at most one."""
-        if not self.online:
+        if not self.online.enabled:
             return self.data.train_view(self.start, self.stop, batch_size, shuffle, augment, self._next_seed())
         if self._streamed:
             raise stream_reused(self.index)
         self._streamed = True
-        view = self.data.train_view(self.start, self.stop, self.online_batch_size or batch_size, True, augment,
+        view = self.data.train_view(self.start, self.stop, self.online.batch_size or batch_size, True, augment,
                                     self._next_seed())
         return SinglePass(view, self.index)
 

@@ -1,6 +1,7 @@
 """Assemble and execute one run: config -> data, backbone, method -> evaluator loop -> run folder."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -17,8 +18,8 @@ from cilbench.benchmark import BenchmarkSpec, get_benchmark
 from cilbench.data.sources import load_splits
 from cilbench.data.stream import ClassIncrementalData
 from cilbench.errors import CilbenchError, ConfigError, suggest
-from cilbench.evaluator import Evaluator, OnlineProtocol, seed_everything
-from cilbench.method import BenchmarkInfo, Method, Reporter, RunContext
+from cilbench.evaluator import Evaluator, seed_everything
+from cilbench.method import BenchmarkInfo, Method, OnlineProtocol, Reporter, RunContext
 from cilbench.registry import METHODS
 from cilbench.report import run_curves
 from cilbench.results import RunDir
@@ -37,6 +38,7 @@ class RunRequest:
     config_path: str | None = None
     eval_every: int | None = None
     shots: int | None = None
+    online: bool | None = None
 
 
 @dataclass
@@ -65,7 +67,8 @@ def resolve(req: RunRequest) -> ResolvedRun:
     if "root" in user.get("output", {}):
         run_layer["out_root"] = user["output"]["root"]
     flags = {k: v for k, v in {"seed": req.seed, "device": req.device, "data_root": req.data_root,
-                               "out_root": req.out, "eval_every": req.eval_every, "shots": req.shots}.items()
+                               "out_root": req.out, "eval_every": req.eval_every, "shots": req.shots,
+                               "online": req.online}.items()
              if v is not None}
     if "root" in cli.get("data", {}):
         flags["data_root"] = cli["data"]["root"]
@@ -101,14 +104,48 @@ class _Interrupt(Exception):
     pass
 
 
+class _Interrupts:
+    """Ctrl-C / SIGTERM raise ``_Interrupt`` in the main thread, except inside ``deferred()``, where
+    they wait until the block ends. The deferral is done at the Python level: blocking the signal with
+    pthread_sigmask only blocks the calling thread, and torch's worker threads would take it instead."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> "_Interrupts":
+        self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signum = signum
+        if not self._depth:
+            raise _Interrupt()
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if self.signum is not None and not self._depth:
+            raise _Interrupt()
+
+
 def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, resume_only: bool = False) -> RunDir:
     """Run (or resume) one run. ``resume_only`` refuses to start a run that has nothing to resume."""
     bench, run = resolved.bench, resolved.run
     if run.threads:
         torch.set_num_threads(run.threads)
     rd = RunDir(resolved.run_dir)
-    if resume_only and rd.status() != "unfinished":
-        raise CilbenchError(f"--resume: {rd.path} holds no unfinished run (it is {rd.status()})",
+    state = rd.status()
+    if resume_only and state != "unfinished":
+        raise CilbenchError(f"--resume: {rd.path} holds no unfinished run (it is {state})",
                             "drop --resume to start a new run, or check --out and --name")
     resume = rd.prepare(resolved.as_toml_dict(), force=force)
     device = torch.device(run.device)
@@ -140,41 +177,34 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
         rd.truncate_events(0)
         rd.log(f"start {bench.name} / {resolved.method_cls.name} seed {run.seed}")
 
-    stop = {"signal": None}
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-        raise _Interrupt()
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     started = time.time()
+    interrupts = _Interrupts()
     try:
-        with reporter:
+        with interrupts, reporter:
             if ev.state.tasks_done == n_tasks:  # killed after the last checkpoint, before the summaries
                 _write_summaries(rd, ev, rd.read_events()[-1], resolved, final=True)
             for t in range(ev.state.tasks_done, n_tasks):
                 reporter.start_task(t)
                 event = ev.run_task(t)
-                _save(rd, ev, event, resolved, final=t == n_tasks - 1)
+                with interrupts.deferred():
+                    _save(rd, ev, event, resolved, final=t == n_tasks - 1)
                 _report_skipped(rd, (train, test), reporter)
                 acc = f"A_t {event['acc']:.2f}%" if event["acc"] is not None else "not evaluated"
                 reporter.end_task(t, f"{acc} learn {event['learn_s']:.1f}s eval {event['eval_s']:.1f}s")
     except _Interrupt:
-        rd.log(f"interrupted by signal {stop['signal']} after task {ev.state.tasks_done}")
+        rd.log(f"interrupted by signal {interrupts.signum} after task {ev.state.tasks_done}")
         raise CilbenchError(f"interrupted; tasks 1..{ev.state.tasks_done} of {n_tasks} are saved in {rd.path}",
                             "run the same command again to resume") from None
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
     rd.log(f"finished in {time.time() - started:.1f}s")
     return rd
 
 
 def _save(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, final: bool) -> None:
-    """Event line, checkpoint, summaries, with Ctrl-C/SIGTERM deferred until all are written.
+    """Event line, checkpoint, summaries (the caller defers Ctrl-C/SIGTERM until all are written).
 
     Every file is replaced atomically, so a failed write (disk full) or a SIGKILL leaves the previous
     task's files; the event log is truncated back to the checkpoint on resume.
     """
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         rd.append_event(event)
         rd.save_checkpoint(ev.checkpoint_state())
@@ -184,8 +214,6 @@ def _save(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, final: 
                             f"{e.strerror or e}; the files of the tasks before it are intact",
                             "free disk space (or fix the folder's permissions) and run the same command "
                             "again to resume") from e
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _report_skipped(rd: RunDir, splits, reporter: Reporter) -> None:

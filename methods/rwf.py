@@ -122,8 +122,8 @@ class RwF(Method):
     def learn(self, task: Task) -> None:
         self.n_seen = task.total
         loader = task.train_loader(self.cfg.batch_size)
-        steps = task.iters_per_batch if task.online else 1
-        passes = 1 if task.online else self.cfg.epochs
+        steps = task.online.iters if task.online.enabled else 1
+        passes = 1 if task.online.enabled else self.cfg.epochs
         self.hooks.train()
         for epoch in range(passes):
             total, seen = 0.0, 0

@@ -123,6 +123,27 @@ def test_sigterm_saves_says_how_to_resume_and_resumes(tmp_path, reference):
     np.testing.assert_array_equal(matrix(run_dir), reference("simplecil"))
 
 
+def test_signals_wait_for_the_deferred_block_even_when_another_thread_takes_them():
+    import threading
+
+    from cilbench.runner import _Interrupt, _Interrupts
+
+    done = []
+    with _Interrupts() as interrupts:
+        with pytest.raises(_Interrupt):
+            with interrupts.deferred():
+                thread = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM))
+                thread.start()
+                thread.join()
+                time.sleep(0.05)  # the handler has run by now, and must not have raised
+                done.append("checkpoint written")
+        assert done == ["checkpoint written"] and interrupts.signum == signal.SIGTERM
+        with pytest.raises(_Interrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # outside deferred(): at once
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_disk_full_keeps_the_previous_task_and_resumes(tmp_path, monkeypatch, capsys):
     argv = ["run", "--method", "simplecil", "--bench", "tiny-3", "--out", str(tmp_path)]
     assert main([*argv, "--name", "full"]) == 0

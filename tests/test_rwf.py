@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from cilbench.errors import CilbenchError
-from cilbench.evaluator import Evaluator, OnlineProtocol
-from cilbench.method import RunContext
+from cilbench.evaluator import Evaluator
+from cilbench.method import OnlineProtocol, RunContext
 from methods.common.hopfield import HopfieldPrompts, free_energy, retrieve
 from methods.rwf import RwF, RwFConfig
 from tests.helpers import make_method
@@ -99,7 +99,7 @@ def test_online_stream_visits_each_training_sample_exactly_once(monkeypatch):
 def test_online_stream_cannot_be_read_twice():
     _, tasks = rwf()
     task = tasks[0]
-    task.online = True
+    task.online = OnlineProtocol(True)
     stream = task.train_loader(4)
     list(stream)
     with pytest.raises(CilbenchError, match="stream twice"):

@@ -51,7 +51,6 @@ class _LabelIndex:
             labels = masked
         self.sorted = np.argsort(labels, kind="stable")
         self.bounds = np.searchsorted(labels[self.sorted], np.arange(n_classes + 1))
-        self.counts = np.diff(self.bounds)
 
     def between(self, start: int, stop: int) -> np.ndarray:
         return self.sorted[self.bounds[start]:self.bounds[stop]]
