@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cilbench.errors import ConfigError
-from cilbench.protocol import TaskSplit, make_splits
+from cilbench.protocol import TaskSplit, make_splits, with_recurring
 from cilbench.registry import BENCHMARKS
 
 SOURCES = ("imagefolder", "cifar100", "synthetic")
@@ -48,6 +48,7 @@ class BenchmarkSpec:
     backbone: str = "embedded-tiny"
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     online: bool = False          # every method streams each training sample once (run.online overrides)
+    overlap: float = 0.0          # recurring classes per later task, as a fraction of its new classes
 
     @property
     def n_classes(self) -> int:
@@ -55,7 +56,7 @@ class BenchmarkSpec:
 
     @property
     def splits(self) -> list[TaskSplit]:
-        return make_splits(self.n_classes, self.init, self.increment)
+        return with_recurring(make_splits(self.n_classes, self.init, self.increment), self.overlap, self.order_seed)
 
     def overrides_for(self, method: str) -> dict[str, Any]:
         return dict(self.method_overrides.get(method, {}))
@@ -68,7 +69,8 @@ def benchmark_dirs() -> list[Path]:
 
 _DATASET_KEYS = set(DatasetSpec.__dataclass_fields__) - {"key"}
 _DATASET_REQUIRED = {"display", "source", "n_classes", "image_size"}
-_BENCH_KEYS = {"description", "dataset", "init", "increment", "order_seed", "backbone", "methods", "online"}
+_BENCH_KEYS = {"description", "dataset", "init", "increment", "order_seed", "backbone", "methods", "online",
+              "overlap"}
 
 
 def parse_benchmark_file(path: Path) -> list[BenchmarkSpec]:
@@ -109,8 +111,15 @@ def parse_benchmark_file(path: Path) -> list[BenchmarkSpec]:
             order_seed=int(raw.get("order_seed", 1993)),
             backbone=raw.get("backbone", "embedded-tiny"),
             method_overrides={k: dict(v) for k, v in raw.get("methods", {}).items()},
-            online=bool(raw.get("online", False))))
+            online=bool(raw.get("online", False)), overlap=_fraction(path, name, raw.get("overlap", 0.0))))
     return specs
+
+
+def _fraction(path: Path, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ConfigError(f"{path}: benchmark {name!r} has overlap = {value!r}",
+                          "use a fraction in [0, 1] (recurring classes per task / new classes per task)")
+    return float(value)
 
 
 def load_benchmark_files() -> None:

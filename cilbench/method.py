@@ -90,7 +90,18 @@ class Task:
 
     @property
     def classes(self) -> range:
+        """The classes this task introduces (labels start..stop-1)."""
         return range(self.start, self.stop)
+
+    @property
+    def recurring(self) -> tuple[int, ...]:
+        """Earlier labels this task brings new training images of (overlapping protocols; else empty)."""
+        return self.data.splits[self.index].recurring
+
+    @property
+    def labels(self) -> list[int]:
+        """Every label in this task's training data: the recurring ones, then the new range."""
+        return [*self.recurring, *self.classes]
 
     @property
     def known(self) -> int:
@@ -103,19 +114,18 @@ class Task:
     def train_loader(self, batch_size: int, shuffle: bool = True, augment: bool = True) -> SampleView | SinglePass:
         """The task's training data. Online: the stream (shuffled, each sample once), at most one."""
         if not self.online.enabled:
-            return self.data.train_view(self.start, self.stop, batch_size, shuffle, augment, self._next_seed())
+            return self.data.task_view(self.index, batch_size, shuffle, augment, self._next_seed())
         if self._streamed:
             raise stream_reused(self.index)
         self._streamed = True
-        view = self.data.train_view(self.start, self.stop, self.online.batch_size or batch_size, True, augment,
-                                    self._next_seed())
+        view = self.data.task_view(self.index, self.online.batch_size or batch_size, True, augment, self._next_seed())
         return SinglePass(view, self.index)
 
     def seen_train_loader(self, batch_size: int, shuffle: bool = True, augment: bool = True) -> SampleView:
         """All training data of classes seen so far: only for reference upper bounds (``joint``)."""
         if not self.allow_past_data:
             raise PermissionError("only methods with uses_past_data=True may read past tasks' data")
-        return self.data.train_view(0, self.stop, batch_size, shuffle, augment, self._next_seed())
+        return self.data.seen_view(self.index, batch_size, shuffle, augment, self._next_seed())
 
     def _next_seed(self) -> int:
         return (self.seed * 100_003 + self.index) * 101 + self._streams()

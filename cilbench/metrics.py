@@ -1,8 +1,10 @@
 """Metrics from the accuracy matrix (all in percent).
 
-Notation: T tasks (0-based t = 0..T-1); a[t][j] = accuracy on task j's test classes after learning
-task t (defined for j <= t; NaN above the diagonal and on rows that were not evaluated).
-A_t = accuracy on all seen classes after task t, weighted by test samples (not the mean of a[t]).
+Notation: T tasks (0-based t = 0..T-1); a[t][j] = accuracy on the test images of the classes task j
+introduced, after learning task t (defined for j <= t; NaN above the diagonal and on rows that were not
+evaluated). A_t = accuracy on all seen classes after task t, weighted by test samples (not the mean of
+a[t]). With overlapping tasks (recurring classes) the matrix is over the union of labels: a class
+counts once, in the column of the task that introduced it, and predictions range over every seen label.
 
 - last accuracy              A_last = A_{T-1}
 - average incremental acc.   Ā = (1/|E|) Σ_{t∈E} A_t, E = evaluated tasks (all tasks by default)

@@ -1,11 +1,13 @@
 """Class order and B{init}Inc{inc} task splits.
 
-Labels are remapped to positions in the class order, so task t owns the contiguous label range
-[known_t, known_t + |G_t|) -- the convention of PILOT and CaRE (``DataManager``).
+Labels are remapped to positions in the class order, so task t introduces the contiguous label
+range [known_t, known_t + |G_t|) -- the convention of PILOT and CaRE (``DataManager``). Overlapping
+protocols add *recurring* classes to later tasks: labels introduced earlier that come back with
+fresh training images (``with_recurring``); the label space stays the union of the introduced ranges.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -32,15 +34,22 @@ def task_sizes(n_classes: int, init: int, increment: int) -> list[int]:
 
 @dataclass(frozen=True)
 class TaskSplit:
-    """One task's remapped label range."""
+    """One task's remapped label range (the classes it introduces) and the earlier labels it revisits."""
 
     index: int
     start: int
     stop: int
+    recurring: tuple[int, ...] = ()
 
     @property
     def classes(self) -> range:
+        """The classes this task introduces."""
         return range(self.start, self.stop)
+
+    @property
+    def labels(self) -> list[int]:
+        """Every label with training data in this task: recurring ones first, then the new range."""
+        return [*self.recurring, *self.classes]
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -59,3 +68,37 @@ def label_map(order: np.ndarray) -> np.ndarray:
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     return inverse
+
+
+def with_recurring(splits: list[TaskSplit], fraction: float, seed: int) -> list[TaskSplit]:
+    """Overlap: task t >= 1 also revisits round(fraction * |G_t|) classes drawn uniformly (seeded)
+    from the labels introduced before it. ``fraction = 0`` returns the splits unchanged."""
+    if fraction <= 0:
+        return splits
+    rng = np.random.RandomState(seed)
+    out = [splits[0]]
+    for s in splits[1:]:
+        k = min(s.start, int(round(fraction * len(s))))
+        out.append(replace(s, recurring=tuple(sorted(rng.choice(s.start, k, replace=False).tolist()))))
+    return out
+
+
+def sample_owners(labels: np.ndarray, splits: list[TaskSplit], seed: int) -> np.ndarray:
+    """The task that trains on each sample (-1: none). A class seen in k tasks has its samples split
+    into k disjoint, nearly equal random shares, one per appearance, so every sample still arrives
+    once; without recurring classes each sample belongs to the task that introduces its label."""
+    first = np.full(max((s.stop for s in splits), default=0) + 1, -1)
+    for s in splits:
+        first[s.start:s.stop] = s.index
+    owners = first[np.clip(labels, 0, len(first) - 1)]
+    owners[(labels < 0) | (labels >= len(first) - 1)] = -1
+    visits: dict[int, list[int]] = {}
+    for s in splits:
+        for c in s.recurring:
+            visits.setdefault(c, [int(first[c])]).append(s.index)
+    rng = np.random.RandomState(seed)
+    for c in sorted(visits):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        for share, t in zip(np.array_split(members, len(visits[c])), visits[c]):
+            owners[share] = t
+    return owners

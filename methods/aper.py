@@ -31,7 +31,7 @@ from cilbench.data.base import Batch
 from cilbench.features import FeatureCache
 from cilbench.method import Method, Task
 from cilbench.registry import register_method
-from methods.common.classifiers import CosinePrototypes, SigmaCosine, task_class_means
+from methods.common.classifiers import CosinePrototypes, SigmaCosine, add_task_prototypes
 from methods.common.peft import SSF, AdapterHooks, PromptHooks, patch_size
 from methods.common.training import SGDSchedule, train_epochs
 
@@ -144,7 +144,7 @@ class APER(Method):
     def learn(self, task: Task) -> None:
         if task.index == 0:
             self._adapt(task)
-        self.head.set_classes(task.start, task_class_means(task, self.features, self.cfg.proto_batch_size, self.ctx.device))
+        add_task_prototypes(self.head, task, self.features, self.cfg.proto_batch_size, self.ctx.device)
 
     def _adapt(self, task: Task) -> None:
         c = self.cfg
@@ -164,13 +164,13 @@ class APER(Method):
         return [self.backbone, self.adapted, self.head]
 
     def stored_tensors(self):
-        return [self.head.protos]
+        return [self.head.protos, self.head.counts]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"protos": self.head.protos.cpu(), "tuned": self.adapted.tuned_state()}
+        return {**self.head.state(), "tuned": self.adapted.tuned_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.head.protos = state["protos"].to(self.ctx.device)
+        self.head.load(state)
         self.adapted.load_tuned_state(state["tuned"])
         self.adapted.set_trainable(False)
         self.features.clear()

@@ -135,6 +135,17 @@ def cosface(cos: torch.Tensor, y: torch.Tensor, s: float, m: float) -> torch.Ten
     return F.cross_entropy(s * (cos.float() - m * F.one_hot(y, cos.shape[1])), y)
 
 
+def task_columns(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the logits of the task's classes, labels as positions among them): the new range as a slice,
+    or with recurring classes (overlapping protocols) the task's label list in the global space."""
+    if not task.recurring:
+        return logits[:, task.start:task.stop], labels - task.start
+    cols = torch.as_tensor(task.labels, device=logits.device)
+    local = torch.full((task.stop,), -1, dtype=torch.long, device=labels.device)
+    local[cols.to(labels.device)] = torch.arange(len(cols), device=labels.device)
+    return logits.index_select(1, cols), local[labels]
+
+
 def decay_factors(n_seen: int, known: int, total: int, cur_task: int, task_of_class: torch.Tensor,
                   fixed: bool) -> torch.Tensor:
     """Per-class mean scaling 0.9 + 0.1·(t_id + 1)/(cur + 1).
@@ -166,7 +177,8 @@ class CaRE(Method):
         self.moes = nn.ModuleList([BRMoE(backbone.embed_dim, self.cfg.brmoe()) for _ in range(backbone.depth)]).to(dev)
         self.hooks = CaREHooks(self.moes)
         self.fc = CosineHeads(backbone.embed_dim).to(dev)
-        self.task_sizes: list[int] = []
+        self.task_sizes: list[int] = []        # classes each task introduced (its head's rows)
+        self.local_sizes: list[int] = []       # classes in each task's data (its perceptrons' outputs)
         self.gaussians = ClassGaussians(backbone.embed_dim, self.cfg.ca_stats, self.cfg.ca_rank, self.cfg.ca_dtype, dev)
 
     # ---- structure ------------------------------------------------------------------------
@@ -174,11 +186,14 @@ class CaRE(Method):
     def cur_task(self) -> int:
         return len(self.task_sizes) - 1
 
-    def add_task(self, n_classes: int) -> None:
+    def add_task(self, n_new: int, n_local: int) -> None:
+        """A task's triplet per block (perceptrons over all ``n_local`` classes in its data, recurring
+        ones included) and a head for the ``n_new`` classes it introduces."""
         for moe in self.moes:
-            moe.add_task(n_classes)
-        self.fc.add_task(n_classes, self.ctx.device)
-        self.task_sizes.append(n_classes)
+            moe.add_task(n_local)
+        self.fc.add_task(n_new, self.ctx.device)
+        self.task_sizes.append(n_new)
+        self.local_sizes.append(n_local)
 
     def features(self, images: torch.Tensor, task: int | None) -> torch.Tensor:
         self.hooks.task, self.hooks.latents = task, []
@@ -196,7 +211,7 @@ class CaRE(Method):
 
     # ---- learning -------------------------------------------------------------------------
     def learn(self, task: Task) -> None:
-        self.add_task(len(task.classes))
+        self.add_task(len(task.classes), len(task.labels))
         c = self.cfg
         t = task.index
         if t == 0:
@@ -214,8 +229,7 @@ class CaRE(Method):
     def loss(self, batch: Batch, task: Task) -> torch.Tensor:
         c = self.cfg
         feats = self.features(batch.images, task.index)
-        cur = self.fc(feats)[:, task.start:task.stop]
-        y = batch.labels - task.start
+        cur, y = task_columns(self.fc(feats), batch.labels, task)
         main = cosface(cur, y, c.scale, c.margin)
         latents = self.hooks.latents
         half = len(latents) / 2
@@ -270,7 +284,7 @@ class CaRE(Method):
             batch = batch.to(self.ctx.device)
             feats.append(self.features(batch.images, task.index).float())
             labels.append(batch.labels)
-        self.gaussians.fit(range(task.start, task.stop), torch.cat(feats), torch.cat(labels))
+        self.gaussians.fit(task.labels, torch.cat(feats), torch.cat(labels), task.index)
 
     def _sampling_means(self, task: Task) -> torch.Tensor:
         n = task.stop
@@ -341,12 +355,14 @@ class CaRE(Method):
         return self.gaussians.tensors()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"task_sizes": list(self.task_sizes), "moes": self.moes.state_dict(), "fc": self.fc.state_dict(),
+        return {"task_sizes": list(self.task_sizes), "local_sizes": list(self.local_sizes), "moes": self.moes.state_dict(), "fc": self.fc.state_dict(),
                 "gaussians": self.gaussians.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for n in state["task_sizes"][len(self.task_sizes):]:
-            self.add_task(n)
+        done = len(self.task_sizes)
+        local = state.get("local_sizes", state["task_sizes"])       # runs from before overlap support
+        for n_new, n_local in zip(state["task_sizes"][done:], local[done:]):
+            self.add_task(n_new, n_local)
         self.moes.load_state_dict(state["moes"])
         self.fc.load_state_dict(state["fc"])
         self.gaussians.load_state_dict(state["gaussians"])

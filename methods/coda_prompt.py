@@ -139,7 +139,7 @@ class CODAPrompt(Method):
         return total
 
     def loss(self, batch: Batch, task: Task) -> torch.Tensor:
-        loss = current_task_ce(self.forward(batch, training=True), batch.labels, task.start, task.stop)
+        loss = current_task_ce(self.forward(batch, training=True), batch.labels, task)
         if self.cfg.ortho_mu > 0:
             loss = loss + self.cfg.ortho_mu * self.ortho_penalty()
         return loss

@@ -134,7 +134,7 @@ class DualPrompt(Method):
     def loss(self, batch: Batch, task: Task) -> torch.Tensor:
         logits, sim = self.forward(batch, task.index)
         y = batch.labels
-        ce = current_task_ce(logits, y, task.start, task.stop) if self.cfg.train_mask else cross_entropy(logits, y)
+        ce = current_task_ce(logits, y, task) if self.cfg.train_mask else cross_entropy(logits, y)
         return ce - self.cfg.pull_coeff * sim.sum() / len(y)
 
     def learn(self, task: Task) -> None:

@@ -99,7 +99,7 @@ class L2P(Method):
     def loss(self, batch: Batch, task: Task) -> torch.Tensor:
         logits, sel = self.forward(batch)
         y = batch.labels
-        ce = current_task_ce(logits, y, task.start, task.stop) if self.cfg.train_mask else cross_entropy(logits, y)
+        ce = current_task_ce(logits, y, task) if self.cfg.train_mask else cross_entropy(logits, y)
         return ce - self.cfg.pull_coeff * sel.sim.sum() / len(y)
 
     def learn(self, task: Task) -> None:

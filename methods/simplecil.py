@@ -17,7 +17,7 @@ from cilbench.data.base import Batch
 from cilbench.features import FeatureCache
 from cilbench.method import Method, Task
 from cilbench.registry import register_method
-from methods.common.classifiers import CosinePrototypes, task_class_means
+from methods.common.classifiers import CosinePrototypes, add_task_prototypes
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class SimpleCIL(Method):
         self.features = FeatureCache(self.backbone)
 
     def learn(self, task: Task) -> None:
-        self.head.set_classes(task.start, task_class_means(task, self.features, self.cfg.batch_size, self.ctx.device))
+        add_task_prototypes(self.head, task, self.features, self.cfg.batch_size, self.ctx.device)
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
@@ -51,10 +51,10 @@ class SimpleCIL(Method):
         return [self.backbone, self.head]
 
     def stored_tensors(self):
-        return [self.head.protos]
+        return [self.head.protos, self.head.counts]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"protos": self.head.protos.cpu()}
+        return self.head.state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.head.protos = state["protos"].to(self.ctx.device)
+        self.head.load(state)

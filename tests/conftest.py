@@ -26,6 +26,13 @@ description = "12 synthetic classes, B2 Inc2 (the kill tests)"
 dataset = "tiny"
 increment = 2
 
+[benchmark.tiny-overlap]
+description = "12 synthetic classes, B4 Inc4, each later task revisits 2 earlier classes"
+dataset = "tiny"
+init = 4
+increment = 4
+overlap = 0.5
+
 [benchmark.tiny-ragged]
 dataset = "tiny"
 increment = 5

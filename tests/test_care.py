@@ -122,7 +122,7 @@ def test_parameter_growth_matches_the_formula():
     torch.manual_seed(0)
     method, tasks = make_care(CaREConfig())
     for size in (4, 4, 4, 2):
-        method.add_task(size)
+        method.add_task(size, size)
         assert method.cost().added == added_param_formula(128, 4, method.task_sizes)
 
 
@@ -144,7 +144,7 @@ def test_old_triplets_stay_fixed_and_alignment_trains_old_heads():
     old = copy.deepcopy([(m.experts[0].state_dict(), m.routers[0].state_dict(), m.perceptrons[0].state_dict())
                          for m in method.moes])
     head0 = method.fc.heads[0].detach().clone()
-    method.add_task(len(tasks[1].classes))
+    method.add_task(len(tasks[1].classes), len(tasks[1].labels))
     method._train_stage(tasks[1], 1, 0.02, 0.01)
     method._compute_stats(tasks[1])
     before_ca = method.fc.heads[0].detach().clone()

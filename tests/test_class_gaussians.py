@@ -21,7 +21,7 @@ def sample_cov(x):
 def test_covariance_keeps_only_the_cholesky_factor(dtype):
     x, y = data()
     g = ClassGaussians(12, "covariance", dtype=dtype)
-    g.fit(range(0, 4), x, y)
+    g.fit(range(0, 4), x, y, 0)
     tol = 1e-5 if dtype == "float32" else 2e-2
     for c in range(4):
         torch.testing.assert_close(g.means[c], x[y == c].mean(0))
@@ -32,12 +32,12 @@ def test_covariance_keeps_only_the_cholesky_factor(dtype):
 def test_lowrank_is_exact_when_classes_have_few_samples_and_pca_otherwise():
     x, y = data(per_class=6)                         # rank of a class covariance <= 5
     g = ClassGaussians(12, "lowrank", rank=5)
-    g.fit(range(0, 4), x, y)
+    g.fit(range(0, 4), x, y, 0)
     for c in range(4):
         torch.testing.assert_close(g.covariance(c), sample_cov(x[y == c]), rtol=1e-4, atol=1e-4)
     x, y = data(per_class=40)
     g = ClassGaussians(12, "lowrank", rank=3)
-    g.fit(range(0, 4), x, y)
+    g.fit(range(0, 4), x, y, 0)
     cov = sample_cov(x[y == 0]) - RIDGE * torch.eye(12)
     lam, vec = torch.linalg.eigh(cov)
     approx = g.covariance(0)
@@ -50,9 +50,9 @@ def test_lowrank_is_exact_when_classes_have_few_samples_and_pca_otherwise():
 def test_shared_covariance_pools_all_finished_tasks_and_refits_the_current_one():
     x, y = data()
     g = ClassGaussians(12, "shared")
-    g.fit(range(0, 2), x[y < 2], y[y < 2])
-    g.fit(range(0, 2), x[y < 2], y[y < 2])           # the second stage refits, it does not double count
-    g.fit(range(2, 4), x[y >= 2], y[y >= 2])
+    g.fit(range(0, 2), x[y < 2], y[y < 2], 0)
+    g.fit(range(0, 2), x[y < 2], y[y < 2], 0)           # the second stage refits, it does not double count
+    g.fit(range(2, 4), x[y >= 2], y[y >= 2], 1)
     xc = torch.cat([x[y == c] - x[y == c].mean(0) for c in range(4)])
     pooled = xc.T @ xc / (len(x) - 4) + RIDGE * torch.eye(12)
     torch.testing.assert_close(g.covariance(3), pooled, rtol=1e-4, atol=1e-4)
@@ -62,7 +62,7 @@ def test_shared_covariance_pools_all_finished_tasks_and_refits_the_current_one()
 def test_samples_follow_the_stored_gaussian(kind):
     x, y = data(per_class=50)
     g = ClassGaussians(12, kind, rank=4)
-    g.fit(range(0, 4), x, y)
+    g.fit(range(0, 4), x, y, 0)
     torch.manual_seed(0)
     draws = g.sample(g.means * 0.5, 20000, chunk=3)  # means may be rescaled (CaRE's decay)
     assert draws.shape == (4, 20000, 12)
@@ -78,7 +78,7 @@ def test_samples_follow_the_stored_gaussian(kind):
 def test_state_round_trip():
     x, y = data()
     g = ClassGaussians(12, "lowrank", rank=3, dtype="float16")
-    g.fit(range(0, 4), x, y)
+    g.fit(range(0, 4), x, y, 0)
     h = ClassGaussians(12, "lowrank", rank=3, dtype="float16")
     h.load_state_dict(g.state_dict())
     for c in range(4):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from cilbench.data.base import ImageSplit, SampleView
-from cilbench.protocol import TaskSplit, class_order, label_map
+from cilbench.protocol import TaskSplit, class_order, label_map, sample_owners
 
 
 class ClassIncrementalData:
@@ -20,6 +20,33 @@ class ClassIncrementalData:
         keep = few_shot(train_labels, shots, order_seed) if shots else None
         self._train_index = _LabelIndex(train_labels, n_classes, keep)
         self._test_index = _LabelIndex(self.label_of[test.targets], n_classes)
+        kept = train_labels.copy()
+        if keep is not None:
+            dropped = np.ones(len(kept), dtype=bool)
+            dropped[keep] = False
+            kept[dropped] = -1
+        # the task that trains on each sample, in label-sorted order (so a task's view is label-sorted)
+        self._owner_sorted = sample_owners(kept, splits, order_seed)[self._train_index.sorted]
+
+    @property
+    def overlapping(self) -> bool:
+        return any(s.recurring for s in self.splits)
+
+    def task_view(self, task: int, batch_size: int, shuffle: bool, augment: bool, seed: int) -> SampleView:
+        """Task ``task``'s training samples: its new classes' and its share of any recurring class's."""
+        if not self.overlapping:
+            s = self.splits[task]
+            return self.train_view(s.start, s.stop, batch_size, shuffle, augment, seed)
+        index = self._train_index.sorted[self._owner_sorted == task]
+        return SampleView(self.train, index, self.label_of, batch_size, shuffle, augment, seed, self.num_workers)
+
+    def seen_view(self, task: int, batch_size: int, shuffle: bool, augment: bool, seed: int) -> SampleView:
+        """Every training sample of tasks 0..``task`` (the reference upper bounds' data)."""
+        if not self.overlapping:
+            return self.train_view(0, self.splits[task].stop, batch_size, shuffle, augment, seed)
+        owners = self._owner_sorted
+        index = self._train_index.sorted[(owners >= 0) & (owners <= task)]
+        return SampleView(self.train, index, self.label_of, batch_size, shuffle, augment, seed, self.num_workers)
 
     def train_view(self, start: int, stop: int, batch_size: int, shuffle: bool, augment: bool,
                    seed: int) -> SampleView:

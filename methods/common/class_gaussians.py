@@ -15,7 +15,7 @@ Full covariances are what CaRE (and SLCA, APER-style CA) release, but they cost 
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -36,7 +36,7 @@ class ClassGaussians:
         # shared: pooled scatter of finished tasks + of the task being fitted (refitted per stage)
         self._pooled = {"done": torch.zeros(dim, dim, dtype=torch.float64, device=self.device), "done_n": 0,
                         "cur": torch.zeros(dim, dim, dtype=torch.float64, device=self.device), "cur_n": 0,
-                        "cur_start": -1}
+                        "cur_task": -1}
 
     def __len__(self) -> int:
         return self.means.shape[0]
@@ -58,9 +58,11 @@ class ClassGaussians:
         self.noise = torch.cat([self.noise, self.noise.new_zeros(extra)])
 
     @torch.no_grad()
-    def fit(self, classes: range, feats: torch.Tensor, labels: torch.Tensor) -> None:
-        """(Re)fit the Gaussians of ``classes`` (a contiguous range of labels) from features (n, d)."""
-        self._grow(classes.stop)
+    def fit(self, classes: Sequence[int], feats: torch.Tensor, labels: torch.Tensor, task: int) -> None:
+        """(Re)fit the Gaussians of ``classes`` from features (n, d) of task ``task``'s data; a class
+        that recurs in a later task is refitted from its newest images (old classes are otherwise never
+        refitted, as released)."""
+        self._grow(max(classes) + 1)
         feats = feats.float()
         if self.kind == "shared":
             scatter, count = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=feats.device), 0
@@ -82,9 +84,9 @@ class ClassGaussians:
                 count += max(0, n - 1)
         if self.kind == "shared":
             p = self._pooled
-            if classes.start != p["cur_start"]:                    # a new task: the last one is final
+            if task != p["cur_task"]:                             # a new task: the last one is final
                 p["done"], p["done_n"] = p["done"] + p["cur"], p["done_n"] + p["cur_n"]
-            p["cur"], p["cur_n"], p["cur_start"] = scatter, count, classes.start
+            p["cur"], p["cur_n"], p["cur_task"] = scatter, count, task
 
     def _lowrank(self, xc: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Probabilistic PCA of the sample covariance: σ² = mean of the eigenvalues past the top
@@ -148,3 +150,5 @@ class ClassGaussians:
         self.scale = state["scale"].to(self.device, self.dtype)
         self.noise = state["noise"].to(self.device)
         self._pooled = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in state["pooled"].items()}
+        if "cur_start" in self._pooled:   # checkpoints before overlap support keyed the task by its first class
+            self._pooled["cur_task"] = -1 - self._pooled.pop("cur_start")   # never a task index: the next fit folds

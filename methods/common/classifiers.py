@@ -12,19 +12,33 @@ class CosinePrototypes(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.register_buffer("protos", torch.zeros(0, dim))
+        self.register_buffer("counts", torch.zeros(0, dtype=torch.long))   # images behind each prototype
 
     @property
     def n_classes(self) -> int:
         return self.protos.shape[0]
 
-    def set_classes(self, start: int, means: torch.Tensor) -> None:
-        """Write prototypes of classes start..start+len(means)-1 (appending as needed)."""
-        stop = start + len(means)
+    def add_samples(self, classes: list[int], sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """Fold feature sums of ``classes`` into their running means (appending classes as needed), so
+        a class that recurs in a later task averages all its images, as if seen at once."""
+        stop = max(classes) + 1
         if stop > self.n_classes:
             grown = torch.zeros(stop, self.protos.shape[1], device=self.protos.device, dtype=self.protos.dtype)
             grown[: self.n_classes] = self.protos
             self.protos = grown
-        self.protos[start:stop] = means.to(self.protos)
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(stop - len(self.counts))])
+        idx = torch.as_tensor(classes, device=self.protos.device)
+        old_n = self.counts[idx].to(sums)
+        total = (old_n + counts.to(sums)).clamp_min(1)
+        self.protos[idx] = ((self.protos[idx].to(sums) * old_n[:, None] + sums) / total[:, None]).to(self.protos)
+        self.counts[idx] += counts.to(self.counts)
+
+    def load(self, state: dict) -> None:
+        self.protos = state["protos"].to(self.protos.device)
+        self.counts = state.get("counts", torch.zeros(len(self.protos), dtype=torch.long)).to(self.protos.device)
+
+    def state(self) -> dict:
+        return {"protos": self.protos.cpu(), "counts": self.counts.cpu()}
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return F.normalize(feats, dim=1) @ F.normalize(self.protos, dim=1).T
@@ -55,13 +69,15 @@ class GrowingLinear(nn.Module):
 
 
 @torch.no_grad()
-def class_means(feats: torch.Tensor, labels: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Mean feature per class in [start, stop) via one scatter-add (no per-class loop)."""
-    n = stop - start
-    sums = torch.zeros(n, feats.shape[1], dtype=torch.float64, device=feats.device)
-    sums.index_add_(0, labels - start, feats.double())
-    counts = torch.bincount(labels - start, minlength=n).clamp_min(1).to(sums)
-    return (sums / counts[:, None]).float()
+def class_sums(feats: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 feature sums, image counts) per class of ``classes`` via one scatter-add (no per-class
+    loop)."""
+    local = torch.full((max(classes) + 1,), -1, dtype=torch.long, device=labels.device)
+    local[torch.as_tensor(classes, device=labels.device)] = torch.arange(len(classes), device=labels.device)
+    y = local[labels]
+    sums = torch.zeros(len(classes), feats.shape[1], dtype=torch.float64, device=feats.device)
+    sums.index_add_(0, y, feats.double())
+    return sums, torch.bincount(y, minlength=len(classes))
 
 
 class SigmaCosine(nn.Module):
@@ -79,12 +95,12 @@ class SigmaCosine(nn.Module):
 
 
 @torch.no_grad()
-def task_class_means(task, features, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Class means of ``features(batch)`` over the task's un-augmented training images: the prototypes
-    of SimpleCIL and APER."""
+def add_task_prototypes(head: CosinePrototypes, task, features, batch_size: int, device: torch.device) -> None:
+    """Fold ``features(batch)`` of the task's un-augmented training images into the class-mean
+    prototypes of SimpleCIL and APER (new classes and any recurring ones)."""
     feats, labels = [], []
     for batch in task.train_loader(batch_size, shuffle=False, augment=False):
         batch = batch.to(device)
         feats.append(features(batch))
         labels.append(batch.labels)
-    return class_means(torch.cat(feats), torch.cat(labels), task.start, task.stop)
+    head.add_samples(task.labels, *class_sums(torch.cat(feats), torch.cat(labels), task.labels))

@@ -74,7 +74,12 @@ def adam_epochs(params: list[torch.nn.Parameter], loader: Iterable[Batch], loss_
     return run_epochs(opt, params, loader, loss_fn, epochs, ctx, clip_grad, epoch_sched=sched)
 
 
-def current_task_ce(logits: torch.Tensor, labels: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Cross-entropy under the train-time class mask: only classes [start, stop) compete, the same as
-    filling every other class's logit with -inf (L2P, DualPrompt, CODA-Prompt)."""
-    return F.cross_entropy(logits[:, start:stop].float(), labels - start)
+def current_task_ce(logits: torch.Tensor, labels: torch.Tensor, task) -> torch.Tensor:
+    """Cross-entropy under the train-time class mask: only the task's classes compete, the same as
+    filling every other class's logit with -inf (L2P, DualPrompt, CODA-Prompt). With recurring
+    classes (overlapping protocols) the mask is the task's label set in the global label space."""
+    if not task.recurring:
+        return F.cross_entropy(logits[:, task.start:task.stop].float(), labels - task.start)
+    outside = torch.full((logits.shape[1],), float("-inf"), device=logits.device)
+    outside[task.labels] = 0.0
+    return F.cross_entropy(logits.float() + outside, labels)
