@@ -160,7 +160,7 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
                           "pick a backbone for this benchmark (--set backbone.name=...)")
     n_tasks = len(bench.splits)
     reporter = reporter_factory(n_tasks) if reporter_factory else Reporter()
-    ctx = RunContext(device=device, seed=run.seed, precision=run.precision, reporter=reporter)
+    ctx = RunContext(device=device, seed=run.seed, precision=run.precision, reporter=_MethodReporter(reporter, rd))
     method: Method = resolved.method_cls(resolved.method_cfg, ctx)
     info = BenchmarkInfo(bench.name, bench.n_classes, n_tasks, tuple(len(s) for s in bench.splits),
                          bench.dataset.image_size)
@@ -214,6 +214,21 @@ def _save(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, final: 
                             f"{e.strerror or e}; the files of the tasks before it are intact",
                             "free disk space (or fix the folder's permissions) and run the same command "
                             "again to resume") from e
+
+
+class _MethodReporter(Reporter):
+    """What a method reports through: epochs go to the console reporter; messages also go to the
+    run's log.txt, so diagnostics (e.g. samoe's in-distribution shares) outlive the terminal."""
+
+    def __init__(self, console: Reporter, rd: RunDir):
+        self.console, self.rd = console, rd
+
+    def epoch(self, epoch: int, epochs: int, loss: float | None = None) -> None:
+        self.console.epoch(epoch, epochs, loss)
+
+    def log(self, message: str) -> None:
+        self.rd.log(message)
+        self.console.log(message)
 
 
 def _report_skipped(rd: RunDir, splits, reporter: Reporter) -> None:

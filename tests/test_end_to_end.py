@@ -65,7 +65,7 @@ class StopAfter(Reporter):
 
 
 RESUME_SETS = {"simplecil": [], "finetune": ["method.epochs=1"],
-               "care": ["method.tuned_epoch=2", "method.crct_epochs=1"], "rwf": []}
+               "care": ["method.tuned_epoch=2", "method.crct_epochs=1"], "rwf": [], "samoe": ["method.epochs=1"]}
 
 
 @pytest.mark.parametrize("method", sorted(RESUME_SETS))

@@ -118,6 +118,8 @@ def test_every_method_runs_the_overlap_protocol(tmp_path, method):
     assert s["status"] == "finished"
     last = [e for e in rd.read_events()][-1]
     assert len(last["per_task"]) == 3 and all(np.isfinite(last["per_task"]))
+    if method == "samoe":   # method diagnostics reach the run's log.txt
+        assert "of recurring-class ones" in (rd.path / "log.txt").read_text()
 
 
 def test_overlap_must_be_a_fraction(tmp_path):
