@@ -3,7 +3,7 @@
 For each architecture (the embedded tiny ViT, ViT-B/16 with random weights) and each T, measures
 images/second of CaRE inference (task-agnostic single pass) and of one training step (current task
 T-1, forward + backward + SGD step on the trainable parameters), plus the plain backbone's inference
-and full fine-tuning step. It also records the bytes autograd saves for backward in a CaRE training
+and full fine-tuning step (timed again next to every CaRE measurement; ratios use that). It also records the bytes autograd saves for backward in a CaRE training
 step, split into activations and parameter-like tensors (parameters and their cached stacks).
 Synthetic inputs; CPU by default (``--device cuda`` on a GPU). Writes a CSV and a plot.
 
@@ -65,7 +65,8 @@ def set_dispatch(moes: nn.ModuleList, dispatch: str) -> None:
 
 
 def run_arch(arch: str, tasks: list[int], batch: int, device: torch.device, repeats: int,
-             max_dense_gb: float, rows: list[dict]) -> None:
+             max_dense_gb: float, rows: list[dict], paths: tuple[str, ...] = ("sparse", "dense"),
+             modes: tuple[str, ...] = ("inference", "train")) -> None:
     name, size = ARCHS[arch]
     torch.manual_seed(0)
     backbone = load_backbone(BackboneConfig(name, weights="none")).to(device).eval()
@@ -101,10 +102,10 @@ def run_arch(arch: str, tasks: list[int], batch: int, device: torch.device, repe
                 m.experts[-1].scale.normal_(0, 0.1)
         params = [p for p in moes.parameters() if p.requires_grad]
         step_opt = torch.optim.SGD(params, lr=1e-4)
-        for dispatch in ("sparse", "dense"):
+        for dispatch in paths:
             set_dispatch(moes, dispatch)
             stack_gb = batch * target * n_tokens * d * 4 / 2**30   # one block's (B, T, N, d) stack
-            for mode in ("inference", "train"):
+            for mode in modes:
                 row = dict(arch=arch, T=target, batch=batch, mode=mode, path=dispatch)
                 # inference holds one block's stack at a time; training keeps every block's for backward
                 est_gb = 2 * stack_gb if mode == "inference" else 3 * stack_gb * depth
@@ -130,8 +131,16 @@ def run_arch(arch: str, tasks: list[int], batch: int, device: torch.device, repe
                         feats = backbone(x, hooks)
                         (feats.square().mean() + sum(a.square().mean() for a in hooks.latents)).backward()
                         step_opt.step()
+                # the backbone is timed again right before, so a ratio compares like with like even
+                # when the machine's load drifts during the sweep
+                if mode == "inference":
+                    with torch.no_grad():
+                        ref = batch / timed(lambda: backbone(x), repeats, device)
+                else:
+                    backbone.train().requires_grad_(True)
+                    ref = batch / timed(plain_step, repeats, device)
+                    backbone.eval().requires_grad_(False)
                 row["img_per_s"] = batch / timed(fn, repeats, device)
-                ref = plain_inf if mode == "inference" else plain_train
                 row["vs_backbone"] = row["img_per_s"] / ref
                 if mode == "train":
                     ptrs = {p.untyped_storage().data_ptr() for p in moes.parameters()}
@@ -175,14 +184,20 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-dense-gb", type=float, default=8.0, help="skip dense runs whose stacks exceed this")
+    p.add_argument("--paths", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"],
+                   help="dispatch paths to measure (dense at large T takes minutes on a CPU)")
+    p.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default="results/perf")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     rows: list[dict] = []
     tasks = [int(t) for t in a.tasks.split(",")]
     for arch in a.arch:
         run_arch(arch, tasks, a.batch_tiny if arch == "tiny" else a.batch_vitb, device, a.repeats,
-                 a.max_dense_gb, rows)
+                 a.max_dense_gb, rows, tuple(a.paths), tuple(a.modes))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows)
