@@ -3,8 +3,8 @@
 For each architecture (the embedded tiny ViT, ViT-B/16 with random weights) and each T, measures
 images/second of CaRE inference (task-agnostic single pass) and of one training step (current task
 T-1, forward + backward + SGD step on the trainable parameters), plus the plain backbone's inference
-and full fine-tuning step (timed again next to every CaRE measurement; ratios use that). It also records the bytes autograd saves for backward in a CaRE training
-step, split into activations and parameter-like tensors (parameters and their cached stacks).
+and full fine-tuning step (timed again next to every CaRE measurement; ratios use that). It also
+records the bytes autograd saves for backward in a CaRE training step, split into activations and parameter-like tensors (parameters and their cached stacks).
 Synthetic inputs; CPU by default (``--device cuda`` on a GPU). Writes a CSV and a plot.
 
     python benchmarks/perf/care_speed.py --out results/perf

@@ -37,7 +37,7 @@ from torch import nn
 
 from methods.common.adapters import Adapter, average_into
 from methods.common.folded_experts import (FoldedExperts, entropy, fold, fold_adapters, hidden,
-                                           perceptron_logits_entropy, router_logits)
+                                           perceptron_logits_entropy, router_logits, stacked_rows)
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ class BRMoE(nn.Module):
         h = F.dropout(torch.relu(torch.baddbmm(b1, normed[:, 1:], w1.transpose(1, 2))), p, self.training)
         h_cls = h_fz.gather(1, experts[:, :, None].expand(-1, -1, r)).reshape(b, 1, u * r)
         h = torch.cat([h_cls.to(h.dtype), h], 1) * wt.to(h.dtype).repeat_interleave(r, 1)[:, None]   # (B, N, U·r)
-        rows = (experts[:, :, None] * r + torch.arange(r, device=idx.device)).view(b, 1, u * r)
+        rows = stacked_rows(experts, r).view(b, 1, u * r)
         table = f.w2t.view(-1, d)
         out = F.embedding_bag(rows.expand(b, n, u * r).reshape(b * n, u * r), table,
                               per_sample_weights=h.reshape(b * n, u * r).to(table.dtype), mode="sum")

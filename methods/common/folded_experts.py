@@ -140,6 +140,12 @@ def perceptron_logits_entropy(f: FoldedExperts, h: torch.Tensor, upto: int) -> t
             out.index_copy_(0, idx, entropy(logits, 1))
     return out.T
 
+
+def stacked_rows(experts: torch.Tensor, r: int) -> torch.Tensor:
+    """(..., r) row numbers of the given experts' r bottleneck rows in an (E·r, ·) stacked table."""
+    return experts[..., None] * r + torch.arange(r, device=experts.device)
+
+
 def router_logits(f: FoldedExperts, h: torch.Tensor, selected: torch.Tensor, n_cols: int) -> torch.Tensor:
     """(B, S, n_cols) logits of the selected folded routers (indices < f.n) on their experts' hidden
     states; columns beyond a router's outputs are -inf. Each logit row is a sum of r table rows
@@ -150,7 +156,7 @@ def router_logits(f: FoldedExperts, h: torch.Tensor, selected: torch.Tensor, n_c
     sel = selected.clamp(max=f.n - 1).flatten()
     cols = min(n_cols, f.n)
     h_sel = h.gather(1, sel.view(b, s, 1).expand(-1, -1, r)).view(b * s, r)                    # (B·S, r)
-    rows = sel[:, None] * r + torch.arange(r, device=sel.device)                                # (B·S, r)
+    rows = stacked_rows(sel, r)                                                                 # (B·S, r)
     logits = F.embedding_bag(rows, f.router_w, per_sample_weights=h_sel.to(f.router_w.dtype), mode="sum")
     logits = (logits + f.router_b.index_select(0, sel))[:, :cols].view(b, s, cols)
     if n_cols > cols:
