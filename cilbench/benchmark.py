@@ -45,6 +45,7 @@ class BenchmarkSpec:
     init: int
     increment: int
     order_seed: int = 1993
+    test_shuffle_seed: int = 1993  # the order test images are scored in (ClassIncrementalData.test_view)
     backbone: str = "embedded-tiny"
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     online: bool = False          # every method streams each training sample once (run.online overrides)
@@ -69,8 +70,8 @@ def benchmark_dirs() -> list[Path]:
 
 _DATASET_KEYS = set(DatasetSpec.__dataclass_fields__) - {"key"}
 _DATASET_REQUIRED = {"display", "source", "n_classes", "image_size"}
-_BENCH_KEYS = {"description", "dataset", "init", "increment", "order_seed", "backbone", "methods", "online",
-              "overlap"}
+_BENCH_KEYS = {"description", "dataset", "init", "increment", "order_seed", "test_shuffle_seed", "backbone",
+               "methods", "online", "overlap"}
 
 
 def parse_benchmark_file(path: Path) -> list[BenchmarkSpec]:
@@ -109,6 +110,7 @@ def parse_benchmark_file(path: Path) -> list[BenchmarkSpec]:
             name=name, description=raw.get("description", ""), dataset=datasets[ds],
             init=int(raw.get("init", 0)), increment=int(raw["increment"]),
             order_seed=int(raw.get("order_seed", 1993)),
+            test_shuffle_seed=int(raw.get("test_shuffle_seed", 1993)),
             backbone=raw.get("backbone", "embedded-tiny"),
             method_overrides={k: dict(v) for k, v in raw.get("methods", {}).items()},
             online=bool(raw.get("online", False)), overlap=_fraction(path, name, raw.get("overlap", 0.0))))

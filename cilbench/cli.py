@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run one method on one benchmark")
     p.add_argument("--method", required=True)
     p.add_argument("--bench", required=True)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="initialisation and training seed (default 1993)")
+    p.add_argument("--order-seed", type=int,
+                   help="class-order seed (default: the benchmark's, 1993 = the papers' order); in the run name")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--data-root")
     p.add_argument("--out", help="output root (default: results/)")
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     again.add_argument("--force", action="store_true", help="start over even if the run folder holds a run")
     again.add_argument("--resume", action="store_true",
                    help="only continue an unfinished run (an unfinished run folder is resumed anyway)")
+    p.add_argument("--allow-code-change", action="store_true",
+                   help="resume a run started under another code version (the run records both)")
 
     sub.add_parser("list", help="registered methods and benchmarks")
 
@@ -52,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default: the results folder)")
     p.add_argument("--with-published", action="store_true",
                    help="add the papers' published numbers, labelled as such")
+    p.add_argument("--split-orders", action="store_true",
+                   help="one row per class order (default: a row aggregates over seeds and class orders)")
 
     p = sub.add_parser("show", help="summary of one run folder")
     p.add_argument("run_dir")
@@ -80,10 +86,12 @@ def _run(args) -> int:
 
     req = RunRequest(method=args.method, bench=args.bench, seed=args.seed, device=args.device,
                      data_root=args.data_root, out=args.out, name=args.name, sets=args.set,
-                     config_path=args.config, eval_every=args.eval_every, shots=args.shots, online=args.online)
+                     config_path=args.config, eval_every=args.eval_every, shots=args.shots, online=args.online,
+                     order_seed=args.order_seed)
     resolved = resolve(req)
     title = f"{resolved.method_cls.name} on {resolved.bench.name}"
-    rd = execute(resolved, lambda n: ConsoleReporter(n, title), force=args.force, resume_only=args.resume)
+    rd = execute(resolved, lambda n: ConsoleReporter(n, title), force=args.force, resume_only=args.resume,
+                 allow_code_change=args.allow_code_change)
     _print_summary(rd.path)
     return 0
 
@@ -114,8 +122,12 @@ def _compare(args) -> int:
         raise CilbenchError(f"no run folders found in {', '.join(map(str, roots))}",
                             "run `cilbench run ...` first, or point at the folders holding summary.json")
     out = Path(args.out) if args.out else (Path(args.results) if args.results else roots[0])
-    table, files = write_comparison(runs, out, args.with_published)
-    rich_table = Table(title=f"leaderboard ({len(runs)} runs)")
+    table, files, dropped = write_comparison(runs, out, args.with_published, args.split_orders)
+    for path in dropped:
+        console.print(f"[yellow]note:[/] {escape(str(path))} repeats a seed and class order of a newer run; "
+                      "counted once (the newer)")
+    rich_table = Table(title=f"leaderboard ({len(runs)} runs; every column in {out / 'leaderboard.md'})")
+    table = table[[c for c in table.columns if c in CONSOLE_COLUMNS]]
     for col in table.columns:
         text = col in ("method", "benchmark", "seeds", "status")
         rich_table.add_column(str(col), justify="left" if text else "right", no_wrap=text)
@@ -125,6 +137,10 @@ def _compare(args) -> int:
     console.print(f"wrote {out / 'leaderboard.csv'}, {out / 'leaderboard.md'} and {len(files) - 2} plot files "
                   f"under {out / 'plots'}")
     return 0
+
+
+CONSOLE_COLUMNS = ("method", "benchmark", "seeds", "orders", "n", "status", "Ā", "last acc", "forgetting (PILOT)",
+                   "BWT", "added params", "train s", "eval s")
 
 
 def _show(args) -> int:
@@ -145,17 +161,28 @@ def _show(args) -> int:
 
 
 def _print_summary(path: Path) -> None:
+    """The run's metrics, recomputed from its stored matrix and counts (as ``compare`` does)."""
+    from cilbench.compare import load_record
+    from cilbench.metrics import summarize
+    from cilbench.results import RunDir
+
     s = json.loads((path / "summary.json").read_text())
-    m = s["metrics"]
-    table = Table(title=f"{s['method']} on {s['benchmark']} (seed {s['seed']}) - {s['status']}")
-    for col in ("tasks", "A_last", "Ā", "forget", "BWT", "top5", "added", "learn s", "eval s"):
+    m = summarize(load_record(RunDir(path).read_events()), s["metrics"]["n_tasks"])
+    tags = "".join(f" [{t}]" for t in s.get("tags", []))
+    table = Table(title=f"{s['method']}{tags} on {s['benchmark']} (seed {s['seed']}, class order "
+                        f"{s.get('order_seed', 1993)}) - {s['status']}")
+    cols = {"tasks": None, "A_last": "last_acc", "Ā": "avg_inc_acc", "forget PILOT": "forgetting_pilot",
+            "forget Chaudhry": "forgetting_chaudhry", "forget Avalanche": "forgetting_avalanche", "BWT": "bwt",
+            "top5": "last_top5"}
+    for col in [*cols, "added", "learn s", "eval s"]:
         table.add_column(col, justify="right")
     f = lambda v: "-" if v is None or v != v else f"{v:.2f}"  # noqa: E731  (None/NaN = undefined)
-    table.add_row(f"{m['tasks_done']}/{m['n_tasks']}", f(m["last_acc"]), f(m["avg_inc_acc"]),
-                  f(m["forgetting"]), f(m["bwt"]), f(m["last_top5"]), f"{s['cost']['added']:,}",
-                  f"{s['learn_s_total']:.1f}", f"{s['eval_s_total']:.1f}")
+    table.add_row(f"{m['tasks_done']}/{m['n_tasks']}", *(f(m.get(k)) for k in list(cols.values())[1:]),
+                  f"{s['cost']['added']:,}", f"{s['learn_s_total']:.1f}", f"{s['eval_s_total']:.1f}")
     console.print(table)
-    console.print(f"files: {path}/ (summary.json, events.jsonl, accuracy_matrix.csv, curves.png, config.toml)")
+    console.print(f"code {s.get('code_version', 'unrecorded')}, {s.get('device', '?')}, {s.get('threads', '?')} threads")
+    console.print(f"files: {path}/ (summary.json, events.jsonl, accuracy_matrix.csv, environment.json, curves.png, "
+                  "config.toml)")
 
 
 def _pretrain(args) -> int:

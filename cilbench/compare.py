@@ -1,10 +1,15 @@
 """Read run folders and aggregate them into leaderboards.
 
-Runs are grouped by (benchmark, method). Runs of one method whose settings differ (e.g. CaRE with
-``ca_stats = "lowrank"`` beside the default) are told apart: the method is labelled with the
-differing settings, ``care (method.ca_stats=lowrank)``, and each variant gets its own row. Finished runs of a group are aggregated over seeds as
-mean ± sample standard deviation (ddof = 1; blank for a single seed). Unfinished runs are never
-averaged with finished ones: each appears on its own row, marked "incomplete (k/T)".
+Every metric is recomputed from the run's stored matrix and counts (``cilbench.metrics``). Runs are
+grouped by (benchmark, method) and then by every setting that can change a number: method, backbone
+and run settings (``eval_every``, ``eval_batch_size``, ``online_iters``, ``precision``, ``threads``,
+...) and the code version. Runs of one method that differ in any of them get their own rows, labelled
+with what differs, ``care (method.ca_stats=lowrank)``; a protocol departure a method flags (PILOT's
+test-batch vote) is tagged on every row, ``l2p [test-batch vote]``. A row aggregates finished runs
+over seeds and class orders (``--split-orders`` keeps orders apart) as mean ± sample standard
+deviation (ddof = 1; blank for one run), with the seeds, the orders and n shown; the same seed and
+order run twice counts once (the newest). Unfinished runs are never averaged with finished ones: each
+appears on its own row, marked "incomplete (k/T)".
 """
 from __future__ import annotations
 
@@ -17,16 +22,22 @@ import numpy as np
 import pandas as pd
 
 from cilbench.errors import CilbenchError
+from cilbench.metrics import Record, summarize
 from cilbench.results import RunDir
 
 PUBLISHED = Path(__file__).resolve().parent / "reference" / "published.csv"
 
-# leaderboard column -> (source field, label in Markdown / rich)
+# leaderboard column -> label in Markdown / rich. Every accuracy column is recomputed from the stored
+# matrix and counts (cilbench.metrics), so a metric fix applies to old runs too.
 METRICS = {
     "avg_inc_acc": "Ā",
     "last_acc": "last acc",
-    "forgetting": "forgetting",
+    "forgetting_pilot": "forgetting (PILOT)",
+    "forgetting_chaudhry": "forgetting (Chaudhry)",
+    "forgetting_avalanche": "forgetting (Avalanche)",
     "bwt": "BWT",
+    "avg_inc_acc_task_mean": "Ā (task mean)",
+    "last_top5": "last top-5",
     "trainable_params": "trainable params",
     "added_params": "added params",
     "stored_numbers": "stored numbers",
@@ -34,6 +45,9 @@ METRICS = {
     "eval_s": "eval s",
     "peak_mem_mb": "peak mem MB",
 }
+# run settings that cannot change a number (where files live); seeds are what a row aggregates over
+NOT_A_SETTING = {"run.out_root", "run.data_root", "run.seed"}
+ORDER_KEY = "run.order_seed"
 
 
 @dataclass
@@ -48,49 +62,73 @@ class Run:
     values: dict[str, float]
     acc_curve: np.ndarray     # A_t per task (NaN = not evaluated)
     matrix: np.ndarray        # a[t][j]
-    settings: dict = field(default_factory=dict)   # flattened method/backbone settings of the run
+    settings: dict = field(default_factory=dict)   # every setting that can change a number, flattened
+    order_seed: int = 1993
+    tags: tuple[str, ...] = ()                     # protocol departures (method.flagged_settings)
+    mtime: float = 0.0
 
 
-SETTING_SECTIONS = ("method_config", "backbone")
-
-
-def _settings(path: Path) -> dict:
+def _settings(path: Path, code: str) -> dict:
+    """method.*, backbone.* and run.* settings of the run (minus NOT_A_SETTING) and its code version.
+    Settings a run predates take the value that reproduces its behaviour (``added_settings``), else the
+    current default, so old runs still separate into variants."""
     cfg_file = path / "config.toml"
-    if not cfg_file.exists():
-        return {}
-    cfg = tomllib.loads(cfg_file.read_text())
-    settings = {f"{'method' if sec == 'method_config' else sec}.{k}": v
-                for sec in SETTING_SECTIONS for k, v in cfg.get(sec, {}).items()}
-    return {**_method_defaults(cfg.get("method", "")), **settings}
+    cfg = tomllib.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    sections = {"method": cfg.get("method_config", {}), "backbone": cfg.get("backbone", {}), "run": cfg.get("run", {})}
+    recorded = {f"{sec}.{k}": v for sec, values in sections.items() for k, v in values.items()}
+    settings = {**_defaults(cfg.get("method", "")), **recorded, "code": code}
+    return {k: v for k, v in settings.items() if k not in NOT_A_SETTING}
 
 
-def _method_defaults(method: str) -> dict:
-    """A method's current defaults, standing in for options added after an older run was made
-    (new options default to the old behaviour), so such runs still separate into variants."""
+def _defaults(method: str) -> dict:
     import dataclasses
 
+    from cilbench.config import ADDED_SETTINGS, RunSettings
+    from cilbench.registry import METHODS
+
+    out = {f"run.{f.name}": f.default for f in dataclasses.fields(RunSettings)}
+    out.update({f"run.{k}": v for k, v in ADDED_SETTINGS["run"].items()})
+    if method in METHODS.names():
+        cls = METHODS.get(method)
+        out.update({f"method.{f.name}": (list(f.default) if isinstance(f.default, tuple) else f.default)
+                    for f in dataclasses.fields(cls.Config) if f.default is not dataclasses.MISSING})
+        out.update({f"method.{k}": v for k, v in cls.added_settings.items()})
+    return out
+
+
+def _tags(method: str, settings: dict) -> tuple[str, ...]:
     from cilbench.registry import METHODS
 
     if method not in METHODS.names():
-        return {}
-    return {f"method.{f.name}": (list(f.default) if isinstance(f.default, tuple) else f.default)
-            for f in dataclasses.fields(METHODS.get(method).Config) if f.default is not dataclasses.MISSING}
+        return ()
+    own = {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("method.")}
+    return tuple(METHODS.get(method).table_tags(own))
 
 
-def label_variants(runs: list[Run]) -> list[Run]:
-    """Rename runs of the same (benchmark, method) whose settings differ to ``method (k=v, ...)``,
-    with the settings that differ within the group (keys every run of the group records)."""
+def _flagged_keys(method: str) -> set[str]:
+    from cilbench.registry import METHODS
+
+    return {f"method.{k}" for k in METHODS.get(method).flagged_settings} if method in METHODS.names() else set()
+
+
+def label_variants(runs: list[Run], split_orders: bool = False) -> list[Run]:
+    """Name each run ``method [tags] (k=v, ...)``: its protocol tags, then the settings that differ
+    within its (benchmark, method) group, so runs that are not comparable never share a row. The
+    class-order seed separates rows only with ``split_orders``; otherwise a row aggregates over it."""
     groups: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
         groups.setdefault((r.benchmark, r.method), []).append(r)
     out = []
     for r in runs:
         group = groups[(r.benchmark, r.method)]
-        keys = set.intersection(*(set(g.settings) for g in group)) if group else set()
+        keys = set.intersection(*(set(g.settings) for g in group)) - _flagged_keys(r.method)
+        if not split_orders:
+            keys.discard(ORDER_KEY)
         differing = sorted(k for k in keys if len({repr(g.settings[k]) for g in group}) > 1)
+        name = r.method + "".join(f" [{t}]" for t in r.tags)
         if differing:
-            r = replace(r, method=f"{r.method} (" + ", ".join(f"{k}={r.settings[k]}" for k in differing) + ")")
-        out.append(r)
+            name += " (" + ", ".join(f"{k}={r.settings[k]}" for k in differing) + ")"
+        out.append(replace(r, method=name))
     return out
 
 
@@ -112,48 +150,83 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return found
 
 
+def load_record(events: list[dict]) -> Record:
+    """The run's record from its events: per-cell counts where the run kept them, else (runs from
+    before counts were kept) the per-task accuracies and the stored A_t."""
+    t = len(events)
+    evaluated = [e for e in events if e.get("per_task") is not None]
+    if all("n" in e for e in evaluated):
+        n, c1, c5 = (np.full((t, t), np.nan) for _ in range(3))
+        for e in evaluated:
+            k = len(e["n"])
+            n[e["task"], :k], c1[e["task"], :k], c5[e["task"], :k] = e["n"], e["correct"], e["correct5"]
+        return Record.from_counts(n, c1, c5)
+    a, acc, top5 = np.full((t, t), np.nan), np.full(t, np.nan), np.full(t, np.nan)
+    for e in evaluated:
+        a[e["task"], : len(e["per_task"])] = [np.nan if x is None else x for x in e["per_task"]]
+        acc[e["task"]], top5[e["task"]] = e["acc"], e["top5"]
+    return Record(a=a, acc=acc, top5=top5)
+
+
 def load_run(path: Path) -> Run:
     rd = RunDir(path)
     s = rd.read_summary()
-    events = rd.read_events()
-    m, cost = s["metrics"], s["cost"]
-    n = m["n_tasks"]
-    curve = np.full(len(events), np.nan)
-    matrix = np.full((len(events), len(events)), np.nan)
-    for e in events:
-        if e.get("acc") is not None:
-            curve[e["task"]] = e["acc"]
-            matrix[e["task"], : len(e["per_task"])] = e["per_task"]
-    values = {"avg_inc_acc": m["avg_inc_acc"], "last_acc": m["last_acc"], "forgetting": m["forgetting"],
-              "bwt": m["bwt"], "trainable_params": cost["trainable"], "added_params": cost["added"],
+    record = load_record(rd.read_events())
+    cost = s["cost"]
+    n = s["metrics"]["n_tasks"]
+    metrics = summarize(record, n)
+    values = {**{k: metrics[k] for k in METRICS if k in metrics},
+              "trainable_params": cost["trainable"], "added_params": cost["added"],
               "stored_numbers": cost.get("stored", 0),
               "train_s": s["learn_s_total"], "eval_s": s["eval_s_total"], "peak_mem_mb": s["peak_mem_mb"]}
     values = {k: (np.nan if v is None else float(v)) for k, v in values.items()}
+    settings = _settings(path, s.get("code_version", "unrecorded"))
+    order = int(settings.get(ORDER_KEY, s.get("order_seed", 1993)))
     return Run(path, s["benchmark"], s["method"], int(s["seed"]), s["status"] == "finished",
-               m["tasks_done"], n, values, curve, matrix, _settings(path))
+               metrics["tasks_done"], n, values, record.seen_accuracy(), record.a, settings, order,
+               _tags(s["method"], settings), (path / "summary.json").stat().st_mtime)
 
 
-def leaderboard(runs: list[Run]) -> pd.DataFrame:
-    """One row per (benchmark, method variant) over finished seeds, plus one row per unfinished run."""
-    runs = label_variants(runs)
+def deduplicate(runs: list[Run]) -> tuple[list[Run], list[Path]]:
+    """Keep the newest finished run of each (benchmark, labelled method, seed, order seed): the same
+    run made twice is one sample, not two. Returns the kept runs and the dropped folders."""
+    newest: dict[tuple, Run] = {}
+    for r in runs:
+        if r.finished:
+            key = (r.benchmark, r.method, r.seed, r.order_seed)
+            if key not in newest or r.mtime > newest[key].mtime:
+                newest[key] = r
+    kept = [r for r in runs if not r.finished or newest[(r.benchmark, r.method, r.seed, r.order_seed)] is r]
+    return kept, [r.path for r in runs if r not in kept]
+
+
+def leaderboard(runs: list[Run], split_orders: bool = False) -> pd.DataFrame:
+    """One row per (benchmark, method variant) over finished runs (mean ± std over seeds and class
+    orders; ``n`` runs), plus one row per unfinished run. Duplicated seeds count once."""
+    return aggregate(deduplicate(label_variants(runs, split_orders))[0])
+
+
+def aggregate(runs: list[Run]) -> pd.DataFrame:
+    """The leaderboard of runs already labelled (``label_variants``) and de-duplicated."""
     rows = []
-    frame = pd.DataFrame([{"benchmark": r.benchmark, "method": r.method, "seed": r.seed,
+    frame = pd.DataFrame([{"benchmark": r.benchmark, "method": r.method, "seed": r.seed, "order": r.order_seed,
                            "finished": r.finished, "tasks_done": r.tasks_done, "n_tasks": r.n_tasks,
                            **r.values} for r in runs])
     if frame.empty:
-        return pd.DataFrame(columns=["benchmark", "method", "status", "seeds"])
+        return pd.DataFrame(columns=["benchmark", "method", "status", "seeds", "orders", "n"])
     for (bench, method), g in frame.groupby(["benchmark", "method"], sort=True):
         done = g[g.finished]
         if len(done):
             row = {"benchmark": bench, "method": method, "status": "complete",
-                   "seeds": ",".join(str(s) for s in sorted(done.seed)), "n_seeds": len(done)}
+                   "seeds": ",".join(str(s) for s in sorted(set(done.seed))),
+                   "orders": ",".join(str(s) for s in sorted(set(done.order))), "n": len(done)}
             for k in METRICS:
                 row[k] = done[k].mean()
                 row[f"{k}_std"] = done[k].std(ddof=1) if len(done) > 1 else np.nan
             rows.append(row)
         for _, r in g[~g.finished].iterrows():
-            row = {"benchmark": bench, "method": method,
-                   "status": f"incomplete ({r.tasks_done}/{r.n_tasks})", "seeds": str(r.seed), "n_seeds": 1}
+            row = {"benchmark": bench, "method": method, "status": f"incomplete ({r.tasks_done}/{r.n_tasks})",
+                   "seeds": str(r.seed), "orders": str(r.order), "n": 1}
             for k in METRICS:
                 row[k], row[f"{k}_std"] = r[k], np.nan
             rows.append(row)
@@ -167,7 +240,7 @@ def published(benchmarks: list[str] | None = None) -> pd.DataFrame:
     df = pd.read_csv(PUBLISHED)
     if benchmarks is not None:
         df = df[df.benchmark.isin(benchmarks)]
-    df = df.assign(method=df.method + " (published)", status="published: " + df.source, seeds="", n_seeds=0)
+    df = df.assign(method=df.method + " (published)", status="published: " + df.source, seeds="", orders="", n=0)
     return df.drop(columns="source")
 
 
@@ -196,7 +269,7 @@ def with_label(method: str) -> str:
 def display_table(df: pd.DataFrame) -> pd.DataFrame:
     """Human-readable strings ("mean ± std") for Markdown and rich."""
     out = pd.DataFrame({"method": [with_label(m) for m in df.method], "benchmark": df.benchmark,
-                        "seeds": df.seeds, "status": df.status})
+                        "seeds": df.seeds, "orders": df.orders, "n": df.n, "status": df.status})
     for k, label in METRICS.items():
         std = df[f"{k}_std"] if f"{k}_std" in df else pd.Series(np.nan, index=df.index)
         out[label] = [format_cell(m, s, k) for m, s in zip(df[k], std)]
@@ -211,14 +284,16 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(runs: list[Run], out: Path, with_published: bool = False) -> tuple[pd.DataFrame, list[Path]]:
-    """leaderboard.csv / leaderboard.md and plots under ``out``; returns the display table and files."""
+def write_comparison(runs: list[Run], out: Path, with_published: bool = False,
+                     split_orders: bool = False) -> tuple[pd.DataFrame, list[Path], list[Path]]:
+    """leaderboard.csv / leaderboard.md and plots under ``out``; returns the display table, the files
+    written and the run folders left out as duplicates."""
     from cilbench.ioutil import atomic_write_text
     from cilbench.metrics import forgetting_curve
     from cilbench.report import cost_vs_accuracy, heatmap, method_colors, method_curves
 
-    runs = label_variants(runs)
-    board = leaderboard(runs)
+    runs, dropped = deduplicate(label_variants(runs, split_orders))
+    board = aggregate(runs)
     if with_published:
         board = pd.concat([board, published(sorted(set(board.benchmark)) or None)], ignore_index=True)
         board = board.sort_values(["benchmark", "last_acc"], ascending=[True, False], kind="stable")
@@ -244,6 +319,6 @@ def write_comparison(runs: list[Run], out: Path, with_published: bool = False) -
             files += cost_vs_accuracy(done.to_dict("records"), f"{bench}: cost vs accuracy",
                                       plots / f"{bench}_cost", colors=colors)
         for r in group:
-            files += heatmap(r.matrix, f"{r.method} on {bench} (seed {r.seed})",
-                             plots / "heatmaps" / slug(f"{bench}__{r.method}__s{r.seed}"))
-    return table, files
+            files += heatmap(r.matrix, f"{r.method} on {bench} (seed {r.seed}, order {r.order_seed})",
+                             plots / "heatmaps" / slug(f"{bench}__{r.method}__s{r.seed}__o{r.order_seed}"))
+    return table, files, dropped

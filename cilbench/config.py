@@ -27,6 +27,7 @@ BAD_IMAGES = ("fail", "skip")
 @dataclass(frozen=True)
 class RunSettings:
     seed: int = 1993
+    order_seed: int | None = None  # class-order seed; unset = the benchmark's (1993, the papers' order)
     device: str = "cpu"
     precision: str = "fp32"
     eval_every: int = 1          # evaluate after every K-th task (the last task always)
@@ -52,6 +53,9 @@ class RunSettings:
         check_range("run.shots", self.shots, 0)
         check_range("run.online_batch_size", self.online_batch_size, 0)
         check_range("run.online_iters", self.online_iters, 1)
+        if self.order_seed is not None and (isinstance(self.order_seed, bool) or not isinstance(self.order_seed, int)
+                                            or self.order_seed < 0):
+            raise ConfigError(f"run.order_seed = {self.order_seed!r} is not allowed", "use a non-negative integer")
         if self.online not in (None, True, False):
             raise ConfigError(f"run.online = {self.online!r} is not allowed", "use true or false")
 
@@ -59,7 +63,8 @@ class RunSettings:
 # Settings added after 0.1, with the value that reproduces the behaviour before them: a run folder
 # written before a setting existed resumes when the setting has that value (see RunDir.prepare).
 ADDED_SETTINGS: dict[str, dict[str, Any]] = {
-    "run": {"bad_images": "fail", "shots": 0, "online": False, "online_batch_size": 0, "online_iters": 1},
+    "run": {"bad_images": "fail", "shots": 0, "online": False, "online_batch_size": 0, "online_iters": 1,
+            "order_seed": 1993},
 }
 
 

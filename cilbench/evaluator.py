@@ -1,8 +1,11 @@
 """The one loop every method goes through (design spec §3).
 
 For each task t: ``method.learn(task_t)``; then one pass over the union of the test sets of tasks
-0..t, predictions split by task -> row t of the accuracy matrix; record top-1/top-5, timings, peak
-memory and parameter counts; append one JSON line; write the checkpoint (atomically). A run resumed
+0..t -> row t of the stored record: per task, the images scored and the top-1 / top-5 hits, from
+which every metric is derived (``cilbench.metrics``). The test images are scored in a seeded
+shuffled order (``ClassIncrementalData.test_view``), so no batch is drawn from one task and a method
+cannot read the task off its batch-mates. Non-finite logits stop the run. Timings, peak memory and
+parameter counts go into one JSON line per task; the checkpoint is written atomically. A run resumed
 from a checkpoint restores the method, the evaluator state and every RNG, so it reproduces the
 uninterrupted run.
 """
@@ -17,35 +20,54 @@ import numpy as np
 import torch
 
 from cilbench.data.stream import ClassIncrementalData
+from cilbench.errors import CilbenchError
 from cilbench.method import Method, OnlineProtocol, RunContext, Task
-from cilbench.metrics import summarize
+from cilbench.metrics import Record
 from cilbench.protocol import TaskSplit
 
 
 @dataclass
 class EvalState:
+    """Per-cell counts of the run so far: n (images scored), c1 / c5 (top-1 / top-5 hits); NaN above
+    the diagonal and on rows not evaluated."""
+
     n_tasks: int
-    a: np.ndarray = field(init=False)            # (T, T) task accuracy matrix, NaN where undefined
-    acc_all: np.ndarray = field(init=False)      # A_t
-    top5_all: np.ndarray = field(init=False)
+    n: np.ndarray = field(init=False)
+    c1: np.ndarray = field(init=False)
+    c5: np.ndarray = field(init=False)
     tasks_done: int = 0
     learn_s_total: float = 0.0
     eval_s_total: float = 0.0
 
     def __post_init__(self):
-        self.a = np.full((self.n_tasks, self.n_tasks), np.nan)
-        self.acc_all = np.full(self.n_tasks, np.nan)
-        self.top5_all = np.full(self.n_tasks, np.nan)
+        self.n, self.c1, self.c5 = (np.full((self.n_tasks, self.n_tasks), np.nan) for _ in range(3))
 
-    def summary(self):
+    def record(self) -> Record:
         d = self.tasks_done
-        return summarize(self.a[:d, :d], self.acc_all[:d], self.top5_all[:d], self.n_tasks)
+        return Record.from_counts(self.n[:d, :d], self.c1[:d, :d], self.c5[:d, :d])
+
+
+@dataclass(frozen=True)
+class TaskScores:
+    """One evaluation: per task j <= t, images scored and top-1 / top-5 hits."""
+
+    n: np.ndarray
+    c1: np.ndarray
+    c5: np.ndarray
+
+    @property
+    def per_task(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.n > 0, 100.0 * self.c1 / np.maximum(self.n, 1), np.nan)
+
+    def overall(self, hits: np.ndarray) -> float:
+        return 100.0 * hits.sum() / self.n.sum() if self.n.sum() else float("nan")
 
 
 @torch.no_grad()
 def evaluate(method: Method, data: ClassIncrementalData, splits: list[TaskSplit], n_seen: int,
-             batch_size: int, device: torch.device) -> tuple[np.ndarray, float, float]:
-    """Per-task top-1 (%) over tasks 0..t, overall top-1 and top-5 (%) over all seen classes."""
+             batch_size: int, device: torch.device, after_task: int = 0) -> TaskScores:
+    """Score every test image of the seen classes; the counts per task of ``splits``."""
     correct1 = torch.zeros(n_seen, dtype=torch.long)
     correct5 = torch.zeros(n_seen, dtype=torch.long)
     counts = torch.zeros(n_seen, dtype=torch.long)  # images actually scored (skipped files excluded)
@@ -54,6 +76,13 @@ def evaluate(method: Method, data: ClassIncrementalData, splits: list[TaskSplit]
         if logits.shape != (len(batch.labels), n_seen):
             raise RuntimeError(f"{method.name}.predict returned {tuple(logits.shape)}, "
                                f"expected ({len(batch.labels)}, {n_seen})")
+        bad = ~torch.isfinite(logits)
+        if bad.any():
+            raise CilbenchError(
+                f"{method.name} produced {int(bad.sum())} non-finite logits on {int(bad.any(1).sum())} of "
+                f"{len(logits)} test images after task {after_task + 1}; a diverged model has no accuracy",
+                "lower the method's learning rate (--set method.lr=...) or use run.precision=fp32; "
+                "the tasks before it are saved, --force starts over")
         labels = batch.labels.cpu()
         top = logits.topk(min(5, n_seen), dim=1).indices
         hit1 = top[:, 0] == labels
@@ -61,10 +90,8 @@ def evaluate(method: Method, data: ClassIncrementalData, splits: list[TaskSplit]
         correct1 += torch.bincount(labels[hit1], minlength=n_seen)
         correct5 += torch.bincount(labels[hit5], minlength=n_seen)
         counts += torch.bincount(labels, minlength=n_seen)
-    per_task = np.array([100.0 * correct1[s.start:s.stop].sum().item() / max(1, counts[s.start:s.stop].sum().item())
-                         for s in splits])
-    total = max(1, counts.sum().item())
-    return per_task, 100.0 * correct1.sum().item() / total, 100.0 * correct5.sum().item() / total
+    per_split = lambda x: np.array([x[s.start:s.stop].sum().item() for s in splits], dtype=float)  # noqa: E731
+    return TaskScores(per_split(counts), per_split(correct1), per_split(correct5))
 
 
 def rng_state() -> dict:
@@ -106,12 +133,16 @@ class Evaluator:
     # ---- resume -------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
         s = self.state
-        return {"tasks_done": s.tasks_done, "a": s.a, "acc_all": s.acc_all, "top5_all": s.top5_all,
-                "learn_s_total": s.learn_s_total, "eval_s_total": s.eval_s_total, "method": self.method.state_dict(), "rng": rng_state()}
+        return {"tasks_done": s.tasks_done, "n": s.n, "c1": s.c1, "c5": s.c5,
+                "learn_s_total": s.learn_s_total, "eval_s_total": s.eval_s_total,
+                "method": self.method.state_dict(), "rng": rng_state()}
 
     def restore(self, ckpt: dict) -> None:
+        if "n" not in ckpt:
+            raise CilbenchError("the checkpoint predates per-cell sample counts and cannot be resumed",
+                                "pass --force to start the run over")
         s = self.state
-        s.tasks_done, s.a, s.acc_all, s.top5_all = ckpt["tasks_done"], ckpt["a"], ckpt["acc_all"], ckpt["top5_all"]
+        s.tasks_done, s.n, s.c1, s.c5 = ckpt["tasks_done"], ckpt["n"], ckpt["c1"], ckpt["c5"]
         s.learn_s_total, s.eval_s_total = ckpt["learn_s_total"], ckpt["eval_s_total"]
         self.method.load_state_dict(ckpt["method"])
         set_rng_state(ckpt["rng"])
@@ -133,12 +164,19 @@ class Evaluator:
         event = {"task": t, "classes": [split.start, split.stop], "learn_s": round(learn_s, 3)}
         if self.should_eval(t):
             t1 = time.perf_counter()
-            per_task, acc, top5 = evaluate(self.method, self.data, self.splits[: t + 1], split.stop,
-                                           self.eval_batch_size, self.ctx.device)
+            scores = evaluate(self.method, self.data, self.splits[: t + 1], split.stop,
+                              self.eval_batch_size, self.ctx.device, after_task=t)
             event["eval_s"] = round(time.perf_counter() - t1, 3)
-            self.state.a[t, : t + 1] = per_task
-            self.state.acc_all[t], self.state.top5_all[t] = acc, top5
-            event.update(acc=round(acc, 4), top5=round(top5, 4), per_task=[round(x, 4) for x in per_task])
+            s = self.state
+            s.n[t, : t + 1], s.c1[t, : t + 1], s.c5[t, : t + 1] = scores.n, scores.c1, scores.c5
+            empty = [j + 1 for j in np.flatnonzero(scores.n == 0)]
+            if empty:
+                self.ctx.reporter.log(f"warning: after task {t + 1}, task(s) {empty} had no scored test image; "
+                                      "their accuracy is undefined (NaN) and left out of every mean")
+            event.update(acc=_rounded(scores.overall(scores.c1)), top5=_rounded(scores.overall(scores.c5)),
+                         per_task=[_rounded(x) for x in scores.per_task],
+                         n=scores.n.astype(int).tolist(), correct=scores.c1.astype(int).tolist(),
+                         correct5=scores.c5.astype(int).tolist())
         else:
             event.update(eval_s=0.0, acc=None, top5=None, per_task=None)
         event["peak_mem_mb"] = round(peak_memory_mb(self.ctx.device), 1)
@@ -147,3 +185,7 @@ class Evaluator:
         self.state.learn_s_total += event["learn_s"]
         self.state.eval_s_total += event["eval_s"]
         return event
+
+
+def _rounded(x: float) -> float | None:
+    return None if x != x else round(float(x), 4)

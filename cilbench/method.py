@@ -119,7 +119,7 @@ class Task:
             raise stream_reused(self.index)
         self._streamed = True
         view = self.data.task_view(self.index, self.online.batch_size or batch_size, True, augment, self._next_seed())
-        return SinglePass(view, self.index)
+        return SinglePass(view, self.index, self.online.iters)
 
     def seen_train_loader(self, batch_size: int, shuffle: bool = True, augment: bool = True) -> SampleView:
         """All training data of classes seen so far: only for reference upper bounds (``joint``)."""
@@ -148,6 +148,42 @@ class Method(abc.ABC):
     # Scaled-down hyper-parameters applied on synthetic benchmarks (CPU-sized), below every
     # benchmark/user/CLI setting; each method documents its own.
     synthetic_defaults: ClassVar[dict[str, Any]] = {}
+    # Boolean Config fields that depart from the suite's protocol (e.g. PILOT's test-batch prompt vote):
+    # field -> the tag every table shows beside a run that sets it.
+    flagged_settings: ClassVar[dict[str, str]] = {}
+    # Config fields added after runs were stored, with the value that reproduces those runs (so old
+    # runs are still told apart from new ones in `compare`).
+    added_settings: ClassVar[dict[str, Any]] = {}
+    takes_gradient_steps: ClassVar[bool] = True   # False: run.online_iters has nothing to act on
+    mixed_precision: ClassVar[bool] = True        # autocast in training and prediction under run.precision
+
+    @classmethod
+    def table_tags(cls, settings: dict[str, Any]) -> list[str]:
+        """The tags of ``flagged_settings`` that ``settings`` (a Config as a dict) turns on."""
+        return [tag for key, tag in cls.flagged_settings.items() if settings.get(key)]
+
+    @classmethod
+    def online_passes(cls, cfg: Any) -> int:
+        """How many times ``learn`` would read a task's training stream under the online protocol
+        (which allows one); by default the method's ``epochs``."""
+        return int(getattr(cfg, "epochs", 1))
+
+    @classmethod
+    def protocol_errors(cls, cfg: Any, online: OnlineProtocol, precision: str) -> list[tuple[str, str]]:
+        """(cause, remedy) for each protocol setting this method cannot honour with ``cfg``: it is
+        refused before the run starts instead of being silently ignored."""
+        errors = []
+        if online.enabled and cls.online_passes(cfg) != 1:
+            errors.append((f"{cls.name} reads each task's data {cls.online_passes(cfg)} times, but the online "
+                           "protocol (--online / run.online) streams it once",
+                           "run it offline (--no-online), or set method.epochs=1 where the method has epochs"))
+        if online.enabled and online.iters > 1 and not cls.takes_gradient_steps:
+            errors.append((f"{cls.name} takes no gradient steps, so run.online_iters={online.iters} would do nothing",
+                           "drop run.online_iters"))
+        if precision != "fp32" and not cls.mixed_precision:
+            errors.append((f"{cls.name} does not run under mixed precision, so run.precision={precision} would "
+                           "do nothing", "use run.precision=fp32"))
+        return errors
 
     def __init__(self, cfg: Any, ctx: RunContext):
         self.cfg, self.ctx = cfg, ctx

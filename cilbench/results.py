@@ -1,5 +1,6 @@
-"""A run folder: config.toml, events.jsonl, accuracy_matrix.csv, summary.json, curves.png,
-checkpoint/state.pt and log.txt. Every file except the append-only logs is written atomically.
+"""A run folder: config.toml, environment.json (what produced it), protocol.json (class order),
+events.jsonl, accuracy_matrix.csv with sample_counts.csv / top1_hits.csv / top5_hits.csv (every metric
+derives from these), summary.json, curves.png, checkpoint/state.pt and log.txt. Every file except the append-only logs is written atomically.
 """
 from __future__ import annotations
 
@@ -86,13 +87,22 @@ class RunDir:
             lines = path.read_text().splitlines(keepends=True)[:n]
             atomic_write_text(path, "".join(lines))
 
-    def write_matrix(self, a: np.ndarray) -> None:
-        cols = [f"task_{j}" for j in range(a.shape[1])]
-        df = pd.DataFrame(a, columns=cols, index=pd.Index([f"after_{t}" for t in range(a.shape[0])], name="row"))
-        atomic_write_text(self.path / "accuracy_matrix.csv", df.to_csv(float_format="%.4f"))
-
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.path / "summary.json", summary)
+
+    def write_matrices(self, matrices: dict[str, np.ndarray], float_format: str = "%.4f") -> None:
+        """``name.csv`` for each (T, T) matrix: rows after_t, columns task_j (NaN = undefined)."""
+        for name, m in matrices.items():
+            cols = [f"task_{j}" for j in range(m.shape[1])]
+            df = pd.DataFrame(m, columns=cols, index=pd.Index([f"after_{t}" for t in range(m.shape[0])], name="row"))
+            atomic_write_text(self.path / f"{name}.csv", df.to_csv(float_format=float_format))
+
+    def write_json(self, name: str, doc: dict[str, Any]) -> None:
+        atomic_write_json(self.path / name, doc)
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        path = self.path / name
+        return json.loads(path.read_text()) if path.exists() else None
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         atomic_torch_save(state, self.path / CHECKPOINT)

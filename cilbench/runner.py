@@ -20,6 +20,8 @@ from cilbench.data.stream import ClassIncrementalData
 from cilbench.errors import CilbenchError, ConfigError, suggest
 from cilbench.evaluator import Evaluator, seed_everything
 from cilbench.method import BenchmarkInfo, Method, OnlineProtocol, Reporter, RunContext
+from cilbench.metrics import DEFINITIONS, as_json, summarize
+from cilbench.provenance import code_label, environment
 from cilbench.registry import METHODS
 from cilbench.report import run_curves
 from cilbench.results import RunDir
@@ -39,6 +41,8 @@ class RunRequest:
     eval_every: int | None = None
     shots: int | None = None
     online: bool | None = None
+    order_seed: int | None = None
+    allow_code_change: bool = False
 
 
 @dataclass
@@ -68,7 +72,7 @@ def resolve(req: RunRequest) -> ResolvedRun:
         run_layer["out_root"] = user["output"]["root"]
     flags = {k: v for k, v in {"seed": req.seed, "device": req.device, "data_root": req.data_root,
                                "out_root": req.out, "eval_every": req.eval_every, "shots": req.shots,
-                               "online": req.online}.items()
+                               "online": req.online, "order_seed": req.order_seed}.items()
              if v is not None}
     if "root" in cli.get("data", {}):
         flags["data_root"] = cli["data"]["root"]
@@ -77,6 +81,10 @@ def resolve(req: RunRequest) -> ResolvedRun:
                                   ("--set run.*", cli.get("run", {})), ("command line", flags)])
     if run.online is None:  # the benchmark's protocol, else the method's own (RwF is an online method)
         run = dataclasses.replace(run, online=bench.online or method_cls.online)
+    if run.order_seed is None:
+        run = dataclasses.replace(run, order_seed=bench.order_seed)
+    default_order = bench.order_seed
+    bench = dataclasses.replace(bench, order_seed=run.order_seed)
     if run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but CUDA is not available here", "use --device cpu")
     user_methods = user.get("methods", {})
@@ -90,9 +98,25 @@ def resolve(req: RunRequest) -> ResolvedRun:
         (f"benchmark {bench.name} [methods.{method_cls.name}]", bench.overrides_for(method_cls.name)),
         (f"cilbench.toml [methods.{method_cls.name}]", user_methods.get(method_cls.name, {})),
         ("--set method.*", cli.get("method", {}))])
+    check_protocol(method_cls, method_cfg, run)
     backbone = C.build_backbone_config(bench.backbone, user.get("backbone", {}), cli.get("backbone", {}))
-    run_id = req.name or f"{protocol_label(bench.name, run).replace('+', '__')}__{method_cls.name}__s{run.seed}"
+    order = f"__o{run.order_seed}" if run.order_seed != default_order else ""
+    run_id = req.name or f"{protocol_label(bench.name, run).replace('+', '__')}__{method_cls.name}__s{run.seed}{order}"
     return ResolvedRun(bench, method_cls, method_cfg, run, backbone, Path(run.out_root) / run_id)
+
+
+def check_protocol(method_cls: type, method_cfg: Any, run: C.RunSettings) -> None:
+    """Every protocol setting is honoured or refused here, before anything runs: never ignored."""
+    if not run.online and (run.online_iters != 1 or run.online_batch_size != 0):
+        key = "run.online_iters" if run.online_iters != 1 else "run.online_batch_size"
+        raise ConfigError(f"{key} applies to the online protocol only, and this run is offline",
+                          f"add --online, or drop {key}")
+    if run.precision != "fp32" and run.device != "cuda":
+        raise ConfigError(f"run.precision={run.precision} takes effect through CUDA autocast only, and this run is "
+                          f"on {run.device}", "use --device cuda, or run.precision=fp32")
+    online = OnlineProtocol(run.online, run.online_batch_size, run.online_iters)
+    for cause, remedy in method_cls.protocol_errors(method_cfg, online, run.precision):
+        raise ConfigError(cause, remedy)
 
 
 def protocol_label(bench: str, run: C.RunSettings) -> str:
@@ -137,8 +161,10 @@ class _Interrupts:
             raise _Interrupt()
 
 
-def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, resume_only: bool = False) -> RunDir:
-    """Run (or resume) one run. ``resume_only`` refuses to start a run that has nothing to resume."""
+def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, resume_only: bool = False,
+            allow_code_change: bool = False) -> RunDir:
+    """Run (or resume) one run. ``resume_only`` refuses to start a run that has nothing to resume;
+    a resume under other code than the run started with is refused unless ``allow_code_change``."""
     bench, run = resolved.bench, resolved.run
     if run.threads:
         torch.set_num_threads(run.threads)
@@ -152,7 +178,7 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
     seed_everything(run.seed)
     train, test = load_splits(bench.dataset, Path(run.data_root) if run.data_root else None, run.bad_images)
     data = ClassIncrementalData(train, test, bench.n_classes, bench.splits, bench.order_seed, run.num_workers,
-                                run.shots)
+                                run.shots, bench.test_shuffle_seed)
     backbone = load_backbone(resolved.backbone, normalize=bench.dataset.normalize)
     if backbone.img_size != bench.dataset.image_size:
         raise ConfigError(f"backbone {backbone.name} expects {backbone.img_size}px images, "
@@ -167,8 +193,13 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
     method.setup(backbone, info)
     ev = Evaluator(method, data, ctx, run.eval_every, run.eval_batch_size, rd, reporter,
                    OnlineProtocol(run.online, run.online_batch_size, run.online_iters))
-    if resume:
-        ckpt = rd.load_checkpoint()
+    rd.write_json("protocol.json", {
+        "benchmark": bench.name, "order_seed": bench.order_seed, "test_shuffle_seed": bench.test_shuffle_seed,
+        "class_order": data.order.tolist(),
+        "tasks": [{"classes": [sp.start, sp.stop], "recurring": list(sp.recurring)} for sp in bench.splits]})
+    ckpt = rd.load_checkpoint() if resume else None
+    env = _record_environment(rd, device, resume, allow_code_change, ckpt["tasks_done"] if ckpt else 0)
+    if ckpt is not None:
         ev.restore(ckpt)
         rd.truncate_events(ev.state.tasks_done)
         rd.log(f"resumed after task {ev.state.tasks_done}")
@@ -182,12 +213,12 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
     try:
         with interrupts, reporter:
             if ev.state.tasks_done == n_tasks:  # killed after the last checkpoint, before the summaries
-                _write_summaries(rd, ev, rd.read_events()[-1], resolved, final=True)
+                _write_summaries(rd, ev, rd.read_events()[-1], resolved, env, final=True)
             for t in range(ev.state.tasks_done, n_tasks):
                 reporter.start_task(t)
                 event = ev.run_task(t)
                 with interrupts.deferred():
-                    _save(rd, ev, event, resolved, final=t == n_tasks - 1)
+                    _save(rd, ev, event, resolved, env, final=t == n_tasks - 1)
                 _report_skipped(rd, (train, test), reporter)
                 acc = f"A_t {event['acc']:.2f}%" if event["acc"] is not None else "not evaluated"
                 reporter.end_task(t, f"{acc} learn {event['learn_s']:.1f}s eval {event['eval_s']:.1f}s")
@@ -199,7 +230,29 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
     return rd
 
 
-def _save(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, final: bool) -> None:
+def _record_environment(rd: RunDir, device: torch.device, resume: bool, allow_code_change: bool,
+                        tasks_done: int) -> dict:
+    """Write environment.json; on resume, refuse other code unless allowed, and then keep the history."""
+    env = environment(device)
+    old = rd.read_json("environment.json") if resume else None
+    history = (old or {}).get("code_history", [])
+    if resume and (not history or history[-1]["code"]["sources_sha256"] != env["code"]["sources_sha256"]):
+        was = code_label(history[-1]["code"]) if history else "code that recorded no version"
+        if not allow_code_change:
+            raise CilbenchError(f"{rd.path} was started under {was}; this is {code_label(env['code'])}, and a "
+                                "resumed run would mix the two",
+                                "resume under the same code, pass --allow-code-change to continue and record "
+                                "both versions, or --force to start over")
+        history = [*history, {"from_task": tasks_done + 1, "code": env["code"]}]
+        rd.log(f"code changed on resume: {was} -> {code_label(env['code'])}")
+    if not history:
+        history = [{"from_task": 1, "code": env["code"]}]
+    env = {**env, "code_history": history}
+    rd.write_json("environment.json", env)
+    return env
+
+
+def _save(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, env: dict, final: bool) -> None:
     """Event line, checkpoint, summaries (the caller defers Ctrl-C/SIGTERM until all are written).
 
     Every file is replaced atomically, so a failed write (disk full) or a SIGKILL leaves the previous
@@ -208,7 +261,7 @@ def _save(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, final: 
     try:
         rd.append_event(event)
         rd.save_checkpoint(ev.checkpoint_state())
-        _write_summaries(rd, ev, event, resolved, final)
+        _write_summaries(rd, ev, event, resolved, env, final)
     except OSError as e:
         raise CilbenchError(f"could not write the results of task {ev.state.tasks_done} to {rd.path}: "
                             f"{e.strerror or e}; the files of the tasks before it are intact",
@@ -238,18 +291,26 @@ def _report_skipped(rd: RunDir, splits, reporter: Reporter) -> None:
         reporter.log(f"skipped {len(skipped)} unreadable image(s); list in {rd.path / 'skipped_images.txt'}")
 
 
-def _write_summaries(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, final: bool) -> None:
+def _write_summaries(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, env: dict, final: bool) -> None:
     s = ev.state
     d = s.tasks_done
+    record = s.record()
+    codes = [h["code"] for h in env["code_history"]]
     summary = {"status": "finished" if final else "running",
                "benchmark": protocol_label(resolved.bench.name, resolved.run),
                "method": resolved.method_cls.name, "seed": resolved.run.seed,
-               "metrics": s.summary().as_dict(), "cost": event["cost"],
+               "order_seed": resolved.run.order_seed,
+               "tags": resolved.method_cls.table_tags(C.as_dict(resolved.method_cfg)),
+               "metrics": as_json(summarize(record, s.n_tasks)), "metric_definitions": DEFINITIONS,
+               "cost": event["cost"],
                "learn_s_total": round(s.learn_s_total, 3), "eval_s_total": round(s.eval_s_total, 3),
-               "peak_mem_mb": event["peak_mem_mb"]}
+               "peak_mem_mb": event["peak_mem_mb"],
+               "code_version": " -> ".join(code_label(c) for c in codes), "code": codes[-1],
+               "device": env["device"], "threads": env["threads"]}
     rd.write_summary(summary)
     if final or s.n_tasks <= 60 or d % 10 == 0:
-        rd.write_matrix(s.a[:d, :d])
+        rd.write_matrices({"accuracy_matrix": record.a})
+        rd.write_matrices({"sample_counts": record.n, "top1_hits": record.c1, "top5_hits": record.c5}, "%.0f")
     if final:
-        run_curves(s.a[:d, :d], s.acc_all[:d], f"{resolved.method_cls.name} on {resolved.bench.name}",
+        run_curves(record.a, record.seen_accuracy(), f"{resolved.method_cls.name} on {resolved.bench.name}",
                    rd.path / "curves.png")

@@ -122,6 +122,11 @@ class APER(Method):
     """APER: first-task PEFT adaptation, then frozen dual-branch prototypes with a cosine classifier."""
 
     Config = APERConfig
+    mixed_precision = False     # prototypes and prediction run in fp32
+
+    @classmethod
+    def online_passes(cls, cfg) -> int:
+        return cfg.tuned_epoch + 1  # first-task adaptation, then the prototype pass
     # PILOT's schedule already fits a CPU on the tiny ViT (synth-10: ~20 s), so synth runs keep it.
     synthetic_defaults: ClassVar[dict] = {}
 

@@ -167,6 +167,18 @@ class CaRE(Method):
     """CaRE (ICML 2026): bi-level routing MoE adapters, faithful to the released code."""
 
     Config = CaREConfig
+
+    @classmethod
+    def online_passes(cls, cfg) -> int:
+        return cfg.tuned_epoch + 1  # training stages, then the class-statistics pass
+
+    @classmethod
+    def protocol_errors(cls, cfg, online, precision):
+        errors = [e for e in super().protocol_errors(cfg, online, precision)]
+        if precision != "fp32" and not cfg.amp:
+            errors.append((f"care autocasts only with method.amp=true, so run.precision={precision} alone "
+                           "would do nothing", "add --set method.amp=true, or use run.precision=fp32"))
+        return errors
     # CPU-sized schedule for the synthetic benchmarks (documented in the README).
     synthetic_defaults: ClassVar[dict] = {"tuned_epoch": 6, "init_lr": 0.02, "batch_size": 32, "crct_epochs": 5}
 

@@ -6,8 +6,11 @@
   prefix-tuning: the prompt's two halves are prepended to the attention's keys and values
   (``ViTBackbone`` ``attn_prefix`` hook). Init uniform(−1, 1).
 - Training on task t uses E-prompt t (``task_prompt_at_train``, the reference ``use_prompt_mask``);
-  when t ≥ pool size, as in the reference code, it falls back to key-query selection. Test: top-1 key
-  by cosine to q, batch-wise majority vote (``batchwise_prompt``).
+  when t ≥ pool size, as in the reference code, it falls back to key-query selection, with a
+  batch-wise majority vote (``batchwise_prompt``). Test: top-1 key by cosine to q, per sample.
+  **Deviation from PILOT**, which votes over the class-sorted test batch too (so the batch reveals the
+  task; PILOT pitfall 3, dualprompt-pytorch#5): ``test_batch_vote = true`` restores that behaviour,
+  and every table then tags the row "test-batch vote".
 - Head: linear on the final CLS token. Loss: class-masked cross-entropy − λ Σ cos(q, k_selected)/B,
   λ = 0.1. Adam(0.9, 0.999), constant lr 0.001, batch 24, 5 epochs, gradient clip 1.0, optimizer
   re-initialised every task.
@@ -43,7 +46,8 @@ class DualPromptConfig:
     top_k: int = 1
     pull_coeff: float = 0.1
     task_prompt_at_train: bool = True
-    batchwise_prompt: bool = True
+    batchwise_prompt: bool = True   # majority vote over the batch when training selects by query
+    test_batch_vote: bool = False   # PILOT's vote over the *test* batch (leaks the task; tagged)
     train_mask: bool = True
     lr: float = 0.001
     batch_size: int = 24
@@ -83,6 +87,8 @@ class DualPrompt(Method):
     Config = DualPromptConfig
     # the tiny ViT has 4 blocks: E-prompts go to blocks 2-3 (ViT-B/16: 2-4)
     synthetic_defaults: ClassVar[dict] = {"e_layers": (2, 3)}
+    flagged_settings: ClassVar[dict] = {"test_batch_vote": "test-batch vote"}
+    added_settings: ClassVar[dict] = {"test_batch_vote": True}  # runs before it voted at test time
 
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
@@ -112,7 +118,7 @@ class DualPrompt(Method):
             idx = torch.arange(task * c.top_k, (task + 1) * c.top_k, device=sim.device).expand(len(sim), -1)
         else:
             idx = sim.detach().topk(c.top_k, dim=1).indices
-            if c.batchwise_prompt:
+            if (c.batchwise_prompt if task is not None else c.test_batch_vote):
                 idx = majority(idx, c.pool_size, c.top_k).expand(len(sim), -1)
         return idx, sim.gather(1, idx)
 

@@ -28,6 +28,16 @@ class Joint(FullModelMethod):
 
     Config = JointConfig
     uses_past_data = True
+
+    @classmethod
+    def protocol_errors(cls, cfg, online, precision):
+        errors = super().protocol_errors(cfg, online, precision)
+        if online.enabled:  # replaces the generic "reads the data k times"
+            errors = [e for e in errors if "online protocol" not in e[0]]
+            errors.insert(0, ("joint trains on every seen task's data at once, for many epochs: it has no "
+                              "online variant (a '+online' row would be an offline upper bound)",
+                              "run it offline (--no-online)"))
+        return errors
     synthetic_defaults: ClassVar[dict] = {"epochs": 10, "batch_size": 64}
 
     def setup(self, backbone, info) -> None:

@@ -3,7 +3,11 @@
 - Frozen ViT. Query q(x) = CLS feature of a separate frozen pass (cached per test/prototype sample,
   recomputed for augmented training images).
 - Prompt pool (``methods/common/prompts.py``): top-N keys by cosine to q, batch-wise majority vote
-  (``batchwise_prompt``, on by default at train and test time, as in both reference codes).
+  at training (``batchwise_prompt``, on by default, as in both reference codes). **Deviation from both
+  references:** at test time each sample selects its own prompts. PILOT and the official code also vote
+  at test time, over class-sorted test batches, which lets the batch reveal the task (PILOT pitfall 3,
+  google-research/l2p#28); ``test_batch_vote = true`` restores that behaviour, and every table then
+  tags the row "test-batch vote".
 - Input [CLS; P_{s_1}; …; P_{s_N}; patches]; the mean of the N·L prompt-position outputs (after the
   final LayerNorm) feeds a linear head over all classes seen so far.
 - Loss: cross-entropy with the train-time class mask (logits outside the current task masked) minus
@@ -58,7 +62,8 @@ class L2PConfig:
     batch_size: int | None = None
     clip_grad: float | None = None        # 0 = no clipping
     epochs: int = 5
-    batchwise_prompt: bool = True
+    batchwise_prompt: bool = True         # majority vote over the training batch
+    test_batch_vote: bool = False         # PILOT's vote over the *test* batch (leaks the task; tagged)
     train_mask: bool = True
 
     def __post_init__(self):
@@ -81,23 +86,26 @@ class L2P(Method):
 
     Config = L2PConfig
     synthetic_defaults: ClassVar[dict] = {}
+    flagged_settings: ClassVar[dict] = {"test_batch_vote": "test-batch vote"}
+    added_settings: ClassVar[dict] = {"test_batch_vote": True}  # runs before it voted at test time
 
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
         self.backbone.eval().requires_grad_(False)
         c, d = self.cfg, backbone.embed_dim
-        self.pool = PromptPool(c.pool_size, c.prompt_length, d, c.top_k, c.batchwise_prompt).to(self.ctx.device)
+        self.pool = PromptPool(c.pool_size, c.prompt_length, d, c.top_k).to(self.ctx.device)
         self.head = GrowingLinear(d).to(self.ctx.device)
         self.queries = FeatureCache(self.backbone)
 
-    def forward(self, batch: Batch):
+    def forward(self, batch: Batch, training: bool):
         """(logits over the head's classes, selection) for a batch."""
-        sel = self.pool.select(self.queries(batch))
+        vote = self.cfg.batchwise_prompt if training else self.cfg.test_batch_vote
+        sel = self.pool.select(self.queries(batch), vote)
         feats = prompted_tokens(self.backbone, batch.images, sel.prompts).mean(1)
         return self.head(feats), sel
 
     def loss(self, batch: Batch, task: Task) -> torch.Tensor:
-        logits, sel = self.forward(batch)
+        logits, sel = self.forward(batch, training=True)
         y = batch.labels
         ce = current_task_ce(logits, y, task) if self.cfg.train_mask else cross_entropy(logits, y)
         return ce - self.cfg.pull_coeff * sel.sim.sum() / len(y)
@@ -112,7 +120,7 @@ class L2P(Method):
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.ctx.autocast():
-            return self.forward(batch)[0].float()
+            return self.forward(batch, training=False)[0].float()
 
     def modules(self):
         return [self.backbone, self.pool, self.head]

@@ -98,6 +98,10 @@ class RwF(Method):
     synthetic_defaults: ClassVar[dict] = {"blocks": 3}  # the tiny ViT has 4 blocks
     label: ClassVar[str] = "RwF-style (re-implementation)"
 
+    @classmethod
+    def online_passes(cls, cfg) -> int:
+        return 1  # online: one pass with run.online_iters steps per batch (epochs applies offline only)
+
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
         c, d = self.cfg, backbone.embed_dim

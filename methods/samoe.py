@@ -75,6 +75,10 @@ class SAMoE(Method):
     Config = SAMoEConfig
     label: ClassVar[str] = "similarity-aware MoE (re-implementation)"
 
+    @classmethod
+    def online_passes(cls, cfg) -> int:
+        return 1  # online: one pass with run.online_iters steps per batch (epochs applies offline only)
+
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
         self.backbone.eval().requires_grad_(False)

@@ -33,6 +33,8 @@ class SimpleCIL(Method):
     """Frozen backbone + class-mean prototypes + cosine classifier (no training)."""
 
     Config = SimpleCILConfig
+    takes_gradient_steps = False
+    mixed_precision = False     # features are extracted in fp32
 
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)

@@ -45,17 +45,18 @@ def test_training_uses_the_task_prompt_and_only_prompts_keys_head_learn():
     assert (h[: tasks[1].start] == 0).all() and (h[tasks[1].start:] > 0).all()
 
 
-def test_test_time_selection_is_top1_by_cosine_with_batch_vote():
+def test_test_time_selection_is_top1_by_cosine_per_sample_and_votes_only_on_request():
     torch.manual_seed(0)
-    method, tasks = make_method(DualPrompt, DualPromptConfig(**SYNTH, batchwise_prompt=False))
+    method, tasks = make_method(DualPrompt, DualPromptConfig(**SYNTH))   # batchwise_prompt on (training)
     q = torch.randn(6, method.backbone.embed_dim)
     idx, sim = method.select(q, None)
     cos = F.normalize(q, dim=1) @ F.normalize(method.keys, dim=1).T
     assert torch.equal(idx[:, 0], cos.argmax(1)) and torch.allclose(sim[:, 0], cos.max(1).values)
-    vote, _ = make_method(DualPrompt, DualPromptConfig(**SYNTH))
-    idx, _ = vote.select(q, None)
+    assert len(set(idx[:, 0].tolist())) > 1   # the random queries pick different keys: no vote at test
+    idx, _ = method.select(q, 12)         # training on task 12 >= pool size 10: falls back to the query, voted
     assert (idx == idx[0]).all()
-    idx, _ = vote.select(q, 12)           # task 12 >= pool size 10: falls back to the query
+    vote, _ = make_method(DualPrompt, DualPromptConfig(**SYNTH, test_batch_vote=True))
+    idx, _ = vote.select(q, None)
     assert (idx == idx[0]).all()
 
 

@@ -11,13 +11,13 @@ from tests.helpers import make_method
 
 def test_selected_prompts_are_the_top_n_keys_by_cosine():
     torch.manual_seed(0)
-    pool = PromptPool(size=6, length=2, dim=4, top_k=2, batchwise=False)
+    pool = PromptPool(size=6, length=2, dim=4, top_k=2)
     with torch.no_grad():
         pool.keys.copy_(torch.eye(6, 4) * torch.arange(1, 7)[:, None])  # keys 4, 5 are zero vectors
         pool.keys[4] = torch.tensor([1.0, 1.0, 0.0, 0.0])
         pool.keys[5] = torch.tensor([0.0, 0.0, -1.0, 0.0])
     q = torch.tensor([[1.0, 0.9, 0.0, 0.0], [0.0, 0.0, 1.0, 0.2]])
-    sel = pool.select(q)
+    sel = pool.select(q, vote=False)
     cos = F.normalize(q, dim=1) @ F.normalize(pool.keys, dim=1).T
     assert sel.idx.tolist() == [[4, 0], [2, 3]]
     assert torch.allclose(sel.sim, cos.gather(1, sel.idx))
@@ -27,8 +27,8 @@ def test_selected_prompts_are_the_top_n_keys_by_cosine():
 def test_batchwise_vote_takes_the_most_frequent_ids_lower_id_on_ties():
     idx = torch.tensor([[3, 1], [3, 2], [1, 0], [2, 3]])  # counts: 3->3, 1->2, 2->2, 0->1
     assert majority(idx, 5, 2).tolist() == [[3, 1]]
-    pool = PromptPool(size=5, length=1, dim=3, top_k=2, batchwise=True)
-    sel = pool.select(torch.randn(7, 3))
+    pool = PromptPool(size=5, length=1, dim=3, top_k=2)
+    sel = pool.select(torch.randn(7, 3), vote=True)
     assert (sel.idx == sel.idx[0]).all() and sel.idx.shape == (7, 2)
 
 
@@ -43,7 +43,7 @@ def test_class_mask_stops_gradients_to_other_classes_and_pull_term_is_exact():
     t = tasks[1]
     assert (g[: t.start] == 0).all() and (g[t.stop:] == 0).all() and (g[t.start:t.stop] > 0).all()
     with torch.no_grad():
-        logits, sel = method.forward(batch)
+        logits, sel = method.forward(batch, training=True)
         ce = F.cross_entropy(logits[:, t.start:t.stop], batch.labels - t.start)
     assert torch.allclose(loss, ce - 0.1 * sel.sim.sum() / len(batch.labels), atol=1e-6)
     assert method.pool.keys.grad is not None and method.pool.keys.grad.abs().sum() > 0

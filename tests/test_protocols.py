@@ -42,9 +42,9 @@ def test_rwf_runs_online_by_default_and_offline_on_request(tmp_path):
     assert summary(rd)["benchmark"] == "tiny-3+online" and summary(rd)["status"] == "finished"
 
 
-def test_a_multi_pass_method_under_the_online_protocol_is_a_clear_error(tmp_path):
-    with pytest.raises(CilbenchError, match="stream twice"):
-        execute(resolve(RunRequest("finetune", "tiny-3", out=str(tmp_path), sets=["run.online=true"])))
+def test_a_multi_pass_method_under_the_online_protocol_is_refused_before_it_runs(tmp_path):
+    with pytest.raises(CilbenchError, match="finetune reads each task's data 5 times"):
+        resolve(RunRequest("finetune", "tiny-3", out=str(tmp_path), sets=["run.online=true"]))
     rd = execute(resolve(RunRequest("finetune", "tiny-3", out=str(tmp_path), name="one-pass",
                                     sets=["run.online=true", "method.epochs=1"])))
     assert summary(rd)["status"] == "finished"

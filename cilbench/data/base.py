@@ -82,11 +82,13 @@ class SinglePass:
     """The online protocol's view of a task: one pass, each sample exactly once, then exhausted.
 
     A method that reads the task again (a second epoch, a prototype pass) gets an error, not
-    silently re-used data: such a method needs the offline protocol.
+    silently re-used data: such a method needs the offline protocol. ``steps_per_batch`` is the
+    protocol's ``run.online_iters``; the shared training loop takes that many steps on each batch.
     """
 
-    def __init__(self, view: SampleView, task_index: int):
+    def __init__(self, view: SampleView, task_index: int, steps_per_batch: int = 1):
         self.view, self.task_index = view, task_index
+        self.steps_per_batch = steps_per_batch  # run.online_iters: gradient steps allowed on each batch
         self.used = False
 
     def __len__(self) -> int:

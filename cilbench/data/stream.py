@@ -9,10 +9,12 @@ from cilbench.protocol import TaskSplit, class_order, label_map, sample_owners
 
 class ClassIncrementalData:
     def __init__(self, train: ImageSplit, test: ImageSplit, n_classes: int, splits: list[TaskSplit],
-                 order_seed: int, num_workers: int = 0, shots: int = 0):
+                 order_seed: int, num_workers: int = 0, shots: int = 0, test_shuffle_seed: int = 1993):
         """``shots`` > 0: the few-shot protocol, N training images per class (the same N for every
-        method: a fixed draw seeded by ``order_seed``)."""
+        method: a fixed draw seeded by ``order_seed``). ``test_shuffle_seed`` fixes the order in which
+        the test images are scored (see ``test_view``)."""
         self.train, self.test, self.splits = train, test, splits
+        self.test_shuffle_seed = test_shuffle_seed
         self.order = class_order(n_classes, order_seed)
         self.label_of = label_map(self.order)
         self.num_workers = num_workers
@@ -54,7 +56,13 @@ class ClassIncrementalData:
                           shuffle, augment, seed, self.num_workers)
 
     def test_view(self, n_seen: int, batch_size: int) -> SampleView:
-        return SampleView(self.test, self._test_index.between(0, n_seen), self.label_of, batch_size,
+        """The test images of labels 0..n_seen-1 in a seeded shuffled order (the same for every method
+        and every run of the benchmark), so a test batch mixes the seen tasks: a method whose
+        prediction depended on its batch-mates could not infer the task from them (PILOT's class-sorted
+        test loader lets L2P/DualPrompt's batch vote do exactly that)."""
+        index = self._test_index.between(0, n_seen)
+        index = index[np.random.RandomState(self.test_shuffle_seed).permutation(len(index))]
+        return SampleView(self.test, index, self.label_of, batch_size,
                           shuffle=False, augment=False, seed=0, num_workers=self.num_workers, role="test")
 
 

@@ -33,6 +33,8 @@ class SGDConfig:
 class FullModelMethod(Method):
     """Every backbone parameter and the head train; cross-entropy over all classes seen so far."""
 
+    mixed_precision = False     # prediction runs in fp32
+
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
         self.head = GrowingLinear(backbone.embed_dim).to(self.ctx.device)

@@ -2,9 +2,10 @@
 
 A pool holds M prompts P_j ∈ R^{L×d} with keys k_j ∈ R^d (both uniform(−1, 1), as in the PyTorch
 port). A query q (the frozen model's CLS feature) picks the top-N keys by cosine similarity; with
-``batchwise`` every sample of the batch uses the batch's N most frequent picks (majority vote, at train
-and test time, as in both reference implementations). Ties in the vote go to the lower prompt id, so
-selection is deterministic.
+``vote`` every sample of the batch uses the batch's N most frequent picks (majority vote). Both
+reference codes vote at train and test time; at test time the vote makes a sample's prediction depend
+on its batch-mates, so the methods vote at training only unless asked (``test_batch_vote``). Ties in
+the vote go to the lower prompt id, so selection is deterministic.
 """
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ class Selection:
 
 
 class PromptPool(nn.Module):
-    def __init__(self, size: int, length: int, dim: int, top_k: int, batchwise: bool = True):
+    def __init__(self, size: int, length: int, dim: int, top_k: int):
         super().__init__()
         if top_k > size:
             raise ValueError(f"top_k={top_k} exceeds the pool size {size}")
-        self.top_k, self.batchwise = top_k, batchwise
+        self.top_k = top_k
         self.prompts = nn.Parameter(torch.empty(size, length, dim).uniform_(-1, 1))
         self.keys = nn.Parameter(torch.empty(size, dim).uniform_(-1, 1))
 
@@ -39,10 +40,11 @@ class PromptPool(nn.Module):
         """(B, M) cosine similarity between queries and keys."""
         return F.normalize(query, dim=1) @ F.normalize(self.keys, dim=1).T
 
-    def select(self, query: torch.Tensor) -> Selection:
+    def select(self, query: torch.Tensor, vote: bool) -> Selection:
+        """Top-N keys per sample, or (``vote``) the batch's N most frequent picks for every sample."""
         sim = self.similarity(query)
         idx = sim.detach().topk(self.top_k, dim=1).indices
-        if self.batchwise:
+        if vote:
             idx = majority(idx, self.size, self.top_k).expand(len(idx), -1)
         b, n = idx.shape
         prompts = self.prompts[idx].reshape(b, n * self.prompts.shape[1], -1)

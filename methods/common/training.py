@@ -25,21 +25,25 @@ def run_epochs(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loa
                loss_fn: Callable[[Batch], torch.Tensor], epochs: int, ctx: RunContext, clip_grad: float = 0.0,
                batch_sched=None, epoch_sched=None) -> float:
     """The one supervised loop: ``epochs`` passes, optional gradient-norm clip, a scheduler stepped per
-    batch and/or per epoch. Returns the last epoch's mean loss."""
+    batch and/or per epoch. An online stream (``SinglePass``) allows ``steps_per_batch`` gradient steps
+    on each batch (``run.online_iters``), each a full step (the per-batch scheduler too). Returns the
+    last epoch's mean loss (of each batch's last step)."""
+    steps = getattr(loader, "steps_per_batch", 1)
     mean_loss = float("nan")
     for epoch in range(epochs):
         total, seen = 0.0, 0
         for batch in loader:
             batch = batch.to(ctx.device)
-            with ctx.autocast():
-                loss = loss_fn(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            opt.step()
-            if batch_sched is not None:
-                batch_sched.step()
+            for _ in range(steps):
+                with ctx.autocast():
+                    loss = loss_fn(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(params, clip_grad)
+                opt.step()
+                if batch_sched is not None:
+                    batch_sched.step()
             total += loss.item() * len(batch.labels)
             seen += len(batch.labels)
         if epoch_sched is not None:
@@ -53,7 +57,7 @@ def train_epochs(params: list[torch.nn.Parameter], loader: Iterable[Batch],
                  loss_fn: Callable[[Batch], torch.Tensor], sched: SGDSchedule, ctx: RunContext) -> float:
     """SGD with a per-batch cosine schedule for ``sched.epochs`` passes; returns the last epoch's mean loss."""
     opt = torch.optim.SGD(params, lr=sched.lr, momentum=sched.momentum, weight_decay=sched.weight_decay)
-    steps = max(1, sched.epochs * len(loader))  # type: ignore[arg-type]
+    steps = max(1, sched.epochs * len(loader) * getattr(loader, "steps_per_batch", 1))  # type: ignore[arg-type]
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=sched.min_lr)
     return run_epochs(opt, params, loader, loss_fn, sched.epochs, ctx, batch_sched=lr_sched)
 
