@@ -43,7 +43,8 @@ def _git() -> tuple[str, bool] | None:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != REPO_ROOT:
             return None
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", *{f for f, _ in HASHED}))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--",
+                         *(f"{folder}/{pattern}" for folder, pattern in HASHED)))
         return commit, dirty
     except (OSError, subprocess.SubprocessError):
         return None

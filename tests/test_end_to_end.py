@@ -32,7 +32,36 @@ def test_simplecil_end_to_end_writes_the_run_folder(tmp_path):
     assert a.shape == (3, 3) and np.isnan(a[0, 1]) and not np.isnan(a[2, 0])
     # 12 classes, 4 per task: the frozen embedded ViT is far above chance on the first task
     assert events[0]["acc"] > 50.0
-    assert s["metrics"]["last_acc"] == pytest.approx(events[-1]["acc"], abs=1e-3)
+    assert s["metrics"]["last_acc"] == pytest.approx(simplecil_by_hand(), abs=1e-3)
+    for f in ("environment.json", "protocol.json", "sample_counts.csv", "top1_hits.csv", "top5_hits.csv"):
+        assert (rd.path / f).exists(), f
+    assert s["code_version"] and s["code"]["sources_sha256"] and "forgetting_pilot" in s["metric_definitions"]
+
+
+def simplecil_by_hand() -> float:
+    """SimpleCIL's last accuracy on tiny-3 computed here: class means of the frozen CLS features of the
+    un-augmented training images, cosine to every test feature, top-1 over all 48 test images."""
+    import torch
+    import torch.nn.functional as F
+
+    from cilbench.backbones.loader import BackboneConfig, load_backbone
+    from cilbench.benchmark import get_benchmark
+    from cilbench.data.sources import load_splits
+
+    spec = get_benchmark("tiny-3")
+    train, test = load_splits(spec.dataset, None)
+    vit = load_backbone(BackboneConfig()).eval()
+    gen = torch.Generator()
+
+    def features(split):
+        images, keys = zip(*split.read(np.arange(len(split)), 64, False, gen))
+        with torch.no_grad():
+            return vit(torch.cat(images)), torch.as_tensor(split.targets)[torch.cat(keys)]
+    ftr, ytr = features(train)
+    fte, yte = features(test)
+    protos = torch.stack([ftr[ytr == c].mean(0) for c in range(12)])
+    pred = (F.normalize(fte, dim=1) @ F.normalize(protos, dim=1).T).argmax(1)
+    return 100.0 * (pred == yte).float().mean().item()
 
 
 def test_same_seed_same_numbers(tmp_path):
@@ -65,7 +94,9 @@ class StopAfter(Reporter):
 
 
 RESUME_SETS = {"simplecil": [], "finetune": ["method.epochs=1"],
-               "care": ["method.tuned_epoch=2", "method.crct_epochs=1"], "rwf": [], "samoe": ["method.epochs=1"]}
+               "care": ["method.tuned_epoch=2", "method.crct_epochs=1"], "rwf": [], "samoe": ["method.epochs=1"],
+               "l2p": ["method.epochs=1"], "dualprompt": ["method.epochs=1"], "coda-prompt": ["method.epochs=1"],
+               "aper": ["method.tuned_epoch=1"], "joint": ["method.epochs=1"]}
 
 
 @pytest.mark.parametrize("method", sorted(RESUME_SETS))
@@ -117,3 +148,21 @@ def test_imagefolder_benchmark_end_to_end(tmp_path, bench_dir, monkeypatch):
     r = resolve(RunRequest("simplecil", "toy-2", out=str(tmp_path / "res"), data_root=str(tmp_path / "data")))
     rd = execute(r)
     assert [e["task"] for e in rd.read_events()] == [0, 1]
+
+
+def test_resume_under_other_code_is_refused_unless_allowed_and_then_records_both(tmp_path):
+    from cilbench.errors import CilbenchError
+
+    req = RunRequest("simplecil", "tiny-3", out=str(tmp_path), name="cut")
+    with pytest.raises(KeyboardInterrupt):
+        execute(resolve(req), StopAfter(1))
+    env_file = tmp_path / "cut" / "environment.json"
+    env = json.loads(env_file.read_text())
+    env["code_history"][0]["code"] = {"package": "0.0.9", "sources_sha256": "0" * 64}    # as if started by other code
+    env_file.write_text(json.dumps(env))
+    with pytest.raises(CilbenchError, match=r"started under v0.0.9 src:0000000000; this is .* would mix the two"):
+        execute(resolve(req))
+    rd = execute(resolve(req), allow_code_change=True)
+    history = json.loads(env_file.read_text())["code_history"]
+    assert [h["from_task"] for h in history] == [1, 3] and history[0]["code"]["package"] == "0.0.9"
+    assert json.loads((rd.path / "summary.json").read_text())["code_version"].startswith("v0.0.9 src:0000000000 -> ")
