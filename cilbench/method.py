@@ -176,7 +176,8 @@ class Method(abc.ABC):
         if online.enabled and cls.online_passes(cfg) != 1:
             errors.append((f"{cls.name} reads each task's data {cls.online_passes(cfg)} times, but the online "
                            "protocol (--online / run.online) streams it once",
-                           "run it offline (--no-online), or set method.epochs=1 where the method has epochs"))
+                           "run it offline (--no-online), or lower its epochs (method.epochs, method.tuned_epoch, "
+                           "...) so that it reads the data once"))
         if online.enabled and online.iters > 1 and not cls.takes_gradient_steps:
             errors.append((f"{cls.name} takes no gradient steps, so run.online_iters={online.iters} would do nothing",
                            "drop run.online_iters"))

@@ -68,8 +68,7 @@ class Record:
     def from_counts(cls, n: np.ndarray, c1: np.ndarray, c5: np.ndarray) -> "Record":
         n, c1, c5 = (np.asarray(x, dtype=float) for x in (n, c1, c5))
         with np.errstate(invalid="ignore", divide="ignore"):
-            a = np.where(n > 0, 100.0 * c1 / np.where(n > 0, n, 1), np.nan)
-        a[np.isnan(n)] = np.nan
+            a = np.where(n > 0, 100.0 * c1 / np.where(n > 0, n, 1), np.nan)   # NaN n -> NaN too
         return cls(a=a, n=n, c1=c1, c5=c5)
 
     @property

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import signal
@@ -242,7 +243,21 @@ BAD_INPUTS = [
      "cannot be read"),
     ("--resume with nothing to resume", lambda d: ["--bench", "tiny-3", "--out", str(d), "--resume"],
      "holds no unfinished run"),
+    ("resume under other code", lambda d: _unfinished_run(d, _other_code), "would mix the two"),
+    ("online setting on an offline run", lambda d: ["--bench", "tiny-3", "--set", "run.online_iters=4"],
+     "applies to the online protocol only"),
+    ("multi-pass method under --online", lambda d: ["--method", "aper", "--bench", "tiny-3", "--online"],
+     "run it offline"),
+    ("mixed precision on the CPU", lambda d: ["--bench", "tiny-3", "--set", "run.precision=bf16"],
+     "CUDA autocast only"),
 ]
+
+
+def _other_code(run_dir: Path) -> None:
+    """The unfinished run as if started by another code version."""
+    env = json.loads((run_dir / "environment.json").read_text())
+    env["code_history"][0]["code"] = {"package": "0.0.9", "sources_sha256": "0" * 64}
+    (run_dir / "environment.json").write_text(json.dumps(env))
 
 
 def test_a_run_from_before_a_setting_existed_resumes_after_the_upgrade(tmp_path):
@@ -327,6 +342,7 @@ def test_bad_input_gets_a_one_line_cause_and_remedy(what, make, expected, tmp_pa
 def reliability_table(folder: Path) -> str:
     """Markdown table: each bad input and the two lines the user sees (paths shortened)."""
     from cilbench.benchmark import load_benchmark_files
+    from cilbench.provenance import code_label, code_version
     from tests.test_data import write_tree
 
     os.environ["CILBENCH_BENCHMARKS"] = str(folder / "benchmarks")
@@ -336,12 +352,14 @@ def reliability_table(folder: Path) -> str:
         '[dataset.rel]\ndisplay = "Toy folder"\nsource = "imagefolder"\nfolder = "toy"\nn_classes = 3\n'
         'image_size = 32\n\n[benchmark.rel-2]\ndataset = "rel"\ninit = 1\nincrement = 2\n' + TINY_BENCH)
     load_benchmark_files()
+    this_code = code_label(code_version())
     rows = ["| bad input | what the user sees (exit code 2) |", "|---|---|"]
     for i, (what, make, _) in enumerate(BAD_INPUTS):
         case = folder / f"case{i}"
         data = write_tree(case / "data", per_class=(3, 2), size=40)
         _, out = cli_error(make(data), case)
         text = " ".join(out.split()).replace(str(case), "…").replace("|", "\\|").replace("`", "'")
+        text = text.replace(f"this is {this_code}", "this is <the current code>")
         rows.append(f"| {what} | `{text}` |")
     return "\n".join(rows)
 

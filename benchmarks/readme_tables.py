@@ -1,0 +1,85 @@
+"""Regenerate the README's tables from what is stored, so no number in them is typed by hand.
+
+    python benchmarks/readme_tables.py            # rewrite README.md (and results/leaderboard.*)
+    python benchmarks/readme_tables.py --check    # exit 1 if README.md is out of date (writes nothing)
+
+- The results table: `cilbench compare results/runs/short results/runs/synth-301 --out results`, trimmed
+  to a few columns, plus the run folder(s) behind each row and the code version that made them. Every
+  metric is recomputed from the stored matrices (``cilbench.compare``).
+- The bad-input table: `python -m tests.test_reliability` (each bad input and the two lines it prints).
+
+Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers in README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RUNS = [REPO / "results" / "runs" / "short", REPO / "results" / "runs" / "synth-301"]
+COLUMNS = ["method", "benchmark", "Ā", "last acc", "forgetting (PILOT)", "forgetting (Chaudhry)", "added params",
+           "train s", "eval s"]
+
+
+def results_table(leaderboard_dir: Path) -> str:
+    """The trimmed table; ``cilbench compare``'s full leaderboard and plots go to ``leaderboard_dir``."""
+    from cilbench.compare import (aggregate, deduplicate, display_table, find_runs, label_variants, load_run,
+                                  to_markdown, write_comparison)
+
+    runs = [load_run(p) for p in find_runs(RUNS)]
+    write_comparison(runs, leaderboard_dir)
+    labelled, _ = deduplicate(label_variants(runs))
+    board = aggregate(labelled)
+    table = display_table(board)[COLUMNS]
+    folders, codes = [], []
+    for bench, method in zip(board.benchmark, board.method):
+        group = [r for r in labelled if r.benchmark == bench and r.method == method]
+        folders.append(", ".join(f"`{r.path.relative_to(REPO / 'results' / 'runs')}`" for r in group))
+        codes.append(", ".join(sorted({str(r.settings.get("code", "unrecorded")) for r in group})))
+    table = table.assign(run=folders, code=codes)
+    return to_markdown(table).strip()
+
+
+def bad_input_table() -> str:
+    import os
+
+    sys.path.insert(0, str(REPO))
+    os.environ["CILBENCH_CONFIG"] = "/nonexistent/cilbench.toml"
+    from tests.test_reliability import reliability_table
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # the runs' chatter
+        return reliability_table(Path(tmp))
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no {begin} ... {end} block")
+    return pattern.sub(lambda m: f"{begin}\n{body}\n{end}", text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report whether README.md is up to date")
+    args = parser.parse_args()
+    readme = REPO / "README.md"
+    old = readme.read_text()
+    with tempfile.TemporaryDirectory() as scratch:  # --check leaves results/leaderboard.* alone
+        new = replace_block(old, "results", results_table(Path(scratch) if args.check else REPO / "results"))
+    new = replace_block(new, "bad-input", bad_input_table())
+    if args.check:
+        print("README.md is up to date" if new == old else "README.md is out of date")
+        return int(new != old)
+    readme.write_text(new)
+    print("README.md rewritten" if new != old else "README.md was already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
