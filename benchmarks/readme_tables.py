@@ -40,7 +40,7 @@ def results_table(leaderboard_dir: Path) -> str:
     for bench, method in zip(board.benchmark, board.method):
         group = [r for r in labelled if r.benchmark == bench and r.method == method]
         folders.append(", ".join(f"`{r.path.relative_to(REPO / 'results' / 'runs')}`" for r in group))
-        codes.append(", ".join(sorted({str(r.settings.get("code", "unrecorded")) for r in group})))
+        codes.append(", ".join(sorted({r.code for r in group})))
     table = table.assign(run=folders, code=codes)
     return to_markdown(table).strip()
 

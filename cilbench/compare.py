@@ -66,10 +66,18 @@ class Run:
     order_seed: int = 1993
     tags: tuple[str, ...] = ()                     # protocol departures (method.flagged_settings)
     mtime: float = 0.0
+    code: str = "unrecorded"                       # the code version(s) as people read them (git commit)
+
+
+def code_identity(summary: dict) -> str:
+    """What tells code versions apart: the sources' SHA-256 (prefix) of every version the run ran under,
+    so two commits that differ only outside the sources (docs, tests) count as the same code."""
+    history = summary.get("code_history") or ([summary["code"]] if "code" in summary else [])
+    return " -> ".join(f"src:{c['sources_sha256'][:10]}" for c in history) or "unrecorded"
 
 
 def _settings(path: Path, code: str) -> dict:
-    """method.*, backbone.* and run.* settings of the run (minus NOT_A_SETTING) and its code version.
+    """method.*, backbone.* and run.* settings of the run (minus NOT_A_SETTING) and its code identity.
     Settings a run predates take the value that reproduces its behaviour (``added_settings``), else the
     current default, so old runs still separate into variants."""
     cfg_file = path / "config.toml"
@@ -180,11 +188,12 @@ def load_run(path: Path) -> Run:
               "stored_numbers": cost.get("stored", 0),
               "train_s": s["learn_s_total"], "eval_s": s["eval_s_total"], "peak_mem_mb": s["peak_mem_mb"]}
     values = {k: (np.nan if v is None else float(v)) for k, v in values.items()}
-    settings = _settings(path, s.get("code_version", "unrecorded"))
+    settings = _settings(path, code_identity(s))
     order = int(settings.get(ORDER_KEY, s.get("order_seed", 1993)))
     return Run(path, s["benchmark"], s["method"], int(s["seed"]), s["status"] == "finished",
                metrics["tasks_done"], n, values, record.seen_accuracy(), record.a, settings, order,
-               _tags(s["method"], settings), (path / "summary.json").stat().st_mtime)
+               _tags(s["method"], settings), (path / "summary.json").stat().st_mtime,
+               s.get("code_version", "unrecorded"))
 
 
 def deduplicate(runs: list[Run]) -> tuple[list[Run], list[Path]]:

@@ -42,7 +42,6 @@ class RunRequest:
     shots: int | None = None
     online: bool | None = None
     order_seed: int | None = None
-    allow_code_change: bool = False
 
 
 @dataclass
@@ -305,7 +304,7 @@ def _write_summaries(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedR
                "cost": event["cost"],
                "learn_s_total": round(s.learn_s_total, 3), "eval_s_total": round(s.eval_s_total, 3),
                "peak_mem_mb": event["peak_mem_mb"],
-               "code_version": " -> ".join(code_label(c) for c in codes), "code": codes[-1],
+               "code_version": " -> ".join(code_label(c) for c in codes), "code": codes[-1], "code_history": codes,
                "device": env["device"], "threads": env["threads"]}
     rd.write_summary(summary)
     if final or s.n_tasks <= 60 or d % 10 == 0:

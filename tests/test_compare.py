@@ -166,3 +166,19 @@ def test_flagged_protocol_departures_are_tagged_even_alone(tmp_path):
     board = leaderboard([load_run(path), load_run(old)])
     # a dualprompt run from before test_batch_vote existed voted at test time: tagged too
     assert sorted(board.method) == ["dualprompt [test-batch vote]", "l2p [test-batch vote]"]
+
+
+def test_runs_group_on_the_code_sources_not_on_the_commit(tmp_path):
+    import json
+
+    def code(path, commit, sources):
+        summary = json.loads((path / "summary.json").read_text())
+        summary["code"] = {"git_commit": commit, "sources_sha256": sources}
+        summary["code_version"] = commit[:10]
+        (path / "summary.json").write_text(json.dumps(summary))
+    code(make_run(tmp_path, "b3", "alpha", 1, A1, [90.0, 75.0, 73.0]), "a" * 40, "1" * 64)
+    code(make_run(tmp_path, "b3", "alpha", 2, A2, [80.0, 75.0, 67.0]), "b" * 40, "1" * 64)   # a docs-only commit
+    code(make_run(tmp_path, "b3", "alpha", 3, A2, [80.0, 75.0, 60.0]), "c" * 40, "2" * 64)   # other sources
+    board = leaderboard([load_run(p) for p in find_runs([tmp_path])])
+    assert sorted(board.method) == ["alpha (code=src:1111111111)", "alpha (code=src:2222222222)"]
+    assert board.set_index("method").loc["alpha (code=src:1111111111)", "n"] == 2
