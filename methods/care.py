@@ -5,8 +5,10 @@ Faithful to the released code (``LMMMEng/CaRE`` d90800a) as described in spec me
 - Cosine classifier, one bias-free head per task, old heads stay in the optimizer.
 - Loss: CosFace (scale s, margin m) on the current task's classes + mean over blocks of the
   auxiliary loss on the current perceptron: (hard + soft)/2, hard = CosFace(s·a) (or plain CE),
-  soft = KL(softmax(q/τ) ‖ softmax(a/τ))·τ² with q the detached *unscaled* main cosines, τ = 1 in the
-  first half of the blocks and 2 in the second half.
+  soft = KL(softmax(q/τ) ‖ softmax(a/τ))·τ² with q the detached *unscaled* main cosines, τ = 1 for
+  blocks with index < 6 and 2 after (``aux_tau = "released"``: the released code hard-codes 6 for a
+  12-block ViT, so on the 4-block embedded ViT every block gets τ = 1); ``"half"`` (cilbench ≤ 0.1)
+  uses τ = 1 in the first half of the blocks and 2 in the second. The two agree on ViT-B/16.
 - Task 0: ``tuned_epoch`` epochs (cosine init_lr → min_lr). Task t ≥ 1: stage 1 (tuned_epoch//2
   epochs, init_lr → init_lr/2), class statistics + classifier alignment (CA), stage 2 (fresh SGD,
   init_lr/2 → min_lr), statistics again + CA. Each stage of t ≥ 1 re-anchors the shared adapter.
@@ -15,7 +17,9 @@ Faithful to the released code (``LMMMEng/CaRE`` d90800a) as described in spec me
   Compact storage (``ca_stats = "lowrank"`` with ``ca_rank``, ``"shared"``, ``ca_dtype = "float16"``)
   is a cilbench option, see ``methods/common/class_gaussians.py``.
 - CA: per seen class 5·batch pseudo-features from N(μ̃_c, Σ_c), CE(s·cos) over all seen classes, SGD
-  ``ca_lr``, CosineAnnealingLR(T_max=5) whatever ``crct_epochs`` is.
+  ``ca_lr``, CosineAnnealingLR(T_max=5) whatever ``crct_epochs`` is. The draws are stacked class by
+  class before the shuffle, as released (``ca_order = "class-major"``), so the same seed trains the
+  heads on the same sequence of batches; ``"class-minor"`` is cilbench ≤ 0.1's order.
 - ``decay`` scales sampling means with the released code's negative task size (default, to reproduce
   published numbers); ``decay_fix`` uses the intended per-task formula instead.
 - ``dispatch = "sparse"`` (default) runs experts CLS-first and only the selected ones on all tokens;
@@ -23,6 +27,24 @@ Faithful to the released code (``LMMMEng/CaRE`` d90800a) as described in spec me
 - Inference: single task-agnostic pass, or (``iter_pred``, 1 ≤ task ≤ ``max_iter_pred_task``) the
   iterative mode: one semi-dynamic pass per task id, keep the lowest-entropy one per sample, add the
   single-pass softmax.
+
+Where cilbench still differs from the released code, and why:
+- Sparse dispatch gives experts outside a router's top-K weight exactly 0 (``-inf``); the released
+  ``-100`` fill gives them e^-100 of the mass, below float32 resolution unless a router's top logit
+  is < ≈ -78. ``dispatch = "dense"`` keeps the ``-100``. Gradients are otherwise the released ones:
+  the frozen experts' hidden states and the chosen routers' rows stay in the autograd graph (only
+  the choice of routers and experts is made without gradient).
+- Sparse dispatch draws dropout masks only where it computes (the CLS hidden states and the selected
+  experts), so its random stream differs from the dense/released one (same distribution).
+- CosFace is a stable log-sum-exp (``cosface``): equal wherever the released ``exp`` is finite; the
+  released one overflows to inf/NaN once s·logit exceeds ≈ 88, which the unbounded perceptron
+  latents can reach.
+- Pseudo-features are drawn in one batched ``randn`` per chunk of classes through the Cholesky factor
+  (``ClassGaussians.sample``) instead of one ``MultivariateNormal`` per class: the same normal draws in
+  the same class-major order, without a per-class factorisation.
+- Options the released code does not have: ``ca_stats`` other than covariance/variance,
+  ``ca_dtype``, ``decay_fix``, ``expert_init = "all"``, ``entropy_norm``, ``aux_tau = "half"``,
+  ``ca_order = "class-minor"``, ``dispatch = "sparse"`` (the default; same function as dense).
 """
 from __future__ import annotations
 
@@ -62,12 +84,14 @@ class CaREConfig:
     aux_cos_loss: bool = True
     self_dist_loss: bool = True
     aux_weight: float = 1.0
+    aux_tau: Literal["released", "half"] = "released"     # distillation temperature per block (docstring)
     crct_epochs: int = 3
     ca_lr: float = 0.005
     ca_stats: Literal["covariance", "variance", "lowrank", "shared"] = "covariance"
     ca_rank: int = 32                  # lowrank: principal directions kept per class
     ca_dtype: Literal["float32", "float16"] = "float32"   # storage of the covariance factors
     ca_samples_per_class: int = 0      # 0 = 5 * batch_size (released)
+    ca_order: Literal["class-major", "class-minor"] = "class-major"   # pseudo-feature stacking (released: major)
     decay: bool = True
     decay_fix: bool = False
     expert_init: Literal["released", "all"] = "released"
@@ -89,6 +113,23 @@ class CaREConfig:
     def brmoe(self) -> BRMoEConfig:
         return BRMoEConfig(self.expert_dim, self.adapter_dim, self.topk_experts, self.topk_routers, self.dropout,
                            self.ema_mu, -100.0, self.expert_init, self.entropy_norm, self.dispatch)
+
+
+def aux_temperatures(n_blocks: int, rule: str) -> list[float]:
+    """τ of the self-distillation term per block: ``released`` 1 below block 6 and 2 from it (the
+    released code's ``1 if idx < 6 else 2``), ``half`` 1 in the first half of the blocks and 2 after."""
+    cut = 6 if rule == "released" else n_blocks / 2
+    return [1.0 if i < cut else 2.0 for i in range(n_blocks)]
+
+
+def stack_pseudo_features(draws: torch.Tensor, order: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, n, d) draws per class -> (C·n, d) features and their labels, stacked class by class
+    (``class-major``, the released ``torch.cat`` over classes) or draw by draw (``class-minor``)."""
+    c, n, d = draws.shape
+    classes = torch.arange(c, device=draws.device)
+    if order == "class-major":
+        return draws.reshape(c * n, d), classes.repeat_interleave(n)
+    return draws.transpose(0, 1).reshape(c * n, d), classes.repeat(n)
 
 
 class CosineHeads(nn.Module):
@@ -167,6 +208,7 @@ class CaRE(Method):
     """CaRE (ICML 2026): bi-level routing MoE adapters, faithful to the released code."""
 
     Config = CaREConfig
+    added_settings: ClassVar[dict] = {"aux_tau": "half", "ca_order": "class-minor"}  # cilbench <= 0.1
 
     @classmethod
     def online_passes(cls, cfg) -> int:
@@ -244,14 +286,14 @@ class CaRE(Method):
         cur, y = task_columns(self.fc(feats), batch.labels, task)
         main = cosface(cur, y, c.scale, c.margin)
         latents = self.hooks.latents
-        half = len(latents) / 2
+        taus = aux_temperatures(len(latents), c.aux_tau)
         teacher = cur.detach().float()
         aux = []
         for i, a in enumerate(latents):
             a = a.float()
             terms = [cosface(a, y, c.scale, c.margin) if c.aux_cos_loss else F.cross_entropy(a, y)]
             if c.self_dist_loss:
-                tau = 1.0 if i < half else 2.0
+                tau = taus[i]
                 terms.append(F.kl_div(F.log_softmax(a / tau, 1), F.softmax(teacher / tau, 1),
                                       reduction="batchmean") * tau * tau)
             aux.append(sum(terms) / len(terms))
@@ -320,13 +362,11 @@ class CaRE(Method):
         flat = nn.Parameter(torch.cat([h.detach() for h in heads]))
         opt = torch.optim.SGD([flat], lr=c.ca_lr, momentum=0.9, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
-        labels_all = torch.arange(n_seen, device=mu.device).repeat(per_class)
         for _ in range(c.crct_epochs):
             # batched matmuls over stored factors, no per-sample copy of L_c (MultivariateNormal would)
-            x = self.gaussians.sample(mu, per_class)
-            x = x.transpose(0, 1).reshape(-1, mu.shape[1])                    # (per_class*C, d), class-minor
+            x, y = stack_pseudo_features(self.gaussians.sample(mu, per_class), c.ca_order)
             order = torch.randperm(len(x), device=x.device)
-            x, y = x[order], labels_all[order]
+            x, y = x[order], y[order]
             for xb, yb in zip(x.split(5 * c.batch_size), y.split(5 * c.batch_size)):
                 loss = F.cross_entropy(c.scale * cosine(xb, flat), yb)
                 opt.zero_grad(set_to_none=True)

@@ -172,3 +172,45 @@ def test_predict_covers_all_seen_classes(iter_pred):
     assert scores.shape == (16, 8)
     if iter_pred:   # sum of two softmaxes
         torch.testing.assert_close(scores.sum(1), torch.full((16,), 2.0))
+
+
+def test_aux_temperature_follows_the_released_block_index_rule():
+    from methods.care import aux_temperatures
+
+    assert aux_temperatures(12, "released") == [1.0] * 6 + [2.0] * 6      # released: 1 if idx < 6 else 2
+    assert aux_temperatures(12, "half") == aux_temperatures(12, "released")
+    assert aux_temperatures(4, "released") == [1.0] * 4                   # the embedded ViT: all 1
+    assert aux_temperatures(4, "half") == [1.0, 1.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("rule, taus", [("released", [1.0] * 4), ("half", [1.0, 1.0, 2.0, 2.0])])
+def test_care_loss_is_the_released_formula(rule, taus):
+    """Main CosFace + mean over blocks of (CosFace(latent) + KL(teacher/τ ‖ latent/τ)·τ²)/2, by hand."""
+    import torch.nn.functional as F
+
+    from methods.care import cosface
+
+    method, tasks = make_care(CaREConfig(batch_size=8, aux_tau=rule, dropout=0.0))
+    method.add_task(len(tasks[0].classes), len(tasks[0].labels))
+    method.set_train(True)
+    batch = next(iter(tasks[0].train_loader(8, augment=False)))
+    torch.manual_seed(0)
+    loss = method.loss(batch, tasks[0])
+    feats = method.features(batch.images, 0)
+    cur, y = method.fc(feats)[:, :4], batch.labels
+    terms = []
+    for a, tau in zip(method.hooks.latents, taus):
+        kl = F.kl_div(F.log_softmax(a / tau, 1), F.softmax(cur.detach() / tau, 1), reduction="batchmean") * tau ** 2
+        terms.append((cosface(a, y, 20.0, 0.0) + kl) / 2)
+    torch.testing.assert_close(loss, cosface(cur, y, 20.0, 0.0) + sum(terms) / len(terms))
+
+
+def test_alignment_stacks_pseudo_features_class_by_class_as_released():
+    from methods.care import stack_pseudo_features
+
+    draws = torch.arange(3 * 2 * 1, dtype=torch.float).view(3, 2, 1)        # class c, draw i -> 2c + i
+    x, y = stack_pseudo_features(draws, "class-major")
+    # released: torch.cat([class 0's draws, class 1's, class 2's]) with labels [0]*n + [1]*n + [2]*n
+    assert x.flatten().tolist() == [0, 1, 2, 3, 4, 5] and y.tolist() == [0, 0, 1, 1, 2, 2]
+    x, y = stack_pseudo_features(draws, "class-minor")
+    assert x.flatten().tolist() == [0, 2, 4, 1, 3, 5] and y.tolist() == [0, 1, 2, 0, 1, 2]

@@ -58,6 +58,50 @@ def test_sparse_gradients_match_dense_in_training():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("n_tasks", [1, 2, 10, 60])
+def test_sparse_passes_the_released_gradient_to_the_block_input(n_tasks):
+    """The frozen experts and routers have no trainable weights, but the block input's gradient flows
+    through them (into earlier blocks); the sparse path must keep that part of the gradient."""
+    dense, sparse = paired(n_tasks)
+    x = torch.randn(4, 7, 16)
+    grads = []
+    for m in (dense, sparse):
+        m.train()
+        xi = x.clone().requires_grad_(True)
+        out, latent = m(xi, n_tasks - 1)
+        (out.square().mean() + latent.square().mean()).backward()
+        grads.append(xi.grad)
+    assert grads[0].abs().max() > 0.01
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5 * grads[0].abs().max().item())
+
+
+def test_a_three_block_model_trains_to_the_same_parameters_sparse_or_dense():
+    """5 SGD steps through three stacked blocks at T = 10 (the earlier blocks' trainable parts get the
+    gradient that passed through the later blocks' frozen experts)."""
+    pairs = [paired(10, seed=s) for s in range(3)]
+    models = [torch.nn.ModuleList(p[i] for p in pairs) for i in (0, 1)]
+    start = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    torch.manual_seed(7)
+    batches = [torch.randn(6, 9, 16) for _ in range(5)]
+    for model in models:
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        for x in batches:
+            loss = 0
+            for block in model:
+                out, latent = block(x, 9)
+                x = x + out
+                loss = loss + latent.square().mean()
+            loss = loss + x.square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    dense, sparse = ({n: p for n, p in m.named_parameters() if p.requires_grad} for m in models)
+    assert max((dense[n] - start[n]).abs().max().item() for n in dense) > 0.1   # the steps moved them
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_ragged_and_unequal_perceptrons():
     dense, sparse = paired(6, sizes=[7, 3, 3, 3, 3, 2])
     dense.eval(), sparse.eval()
@@ -94,6 +138,21 @@ def saved_activation_bytes(moe, x, task):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         moe(x, task)
     return total[0]
+
+
+def test_sparse_training_keeps_no_per_task_d_sized_activation_when_the_input_needs_grad():
+    """Inside a network the block input carries gradient, so the frozen experts' CLS hidden states
+    (B·T·r numbers) and the routers' rows are saved; a (B, T, d) stack never is."""
+    dim = 64
+    x = torch.randn(32, 9, dim).requires_grad_(True)
+    sizes = {}
+    for n_tasks in (10, 80):
+        dense, sparse = paired(n_tasks, dim=dim)
+        dense.train(), sparse.train()
+        sizes[n_tasks] = (saved_activation_bytes(sparse, x, n_tasks - 1), saved_activation_bytes(dense, x, n_tasks - 1))
+    per_task_per_sample = (sizes[80][0] - sizes[10][0]) / (70 * 32) / 4       # float32 numbers
+    assert per_task_per_sample < dim / 2                 # a d-sized row per task would be >= 64
+    assert sizes[80][1] - sizes[10][1] > 20 * (sizes[80][0] - sizes[10][0])    # the released path's stack
 
 
 def test_sparse_training_activations_do_not_grow_with_tasks():

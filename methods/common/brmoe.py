@@ -186,21 +186,24 @@ class BRMoE(nn.Module):
         p = self.cfg.dropout if self.training else 0.0
         normed = F.layer_norm(x, (x.shape[-1],), eps=self.experts[0].ln.eps)
         b = x.shape[0]
-        # 1) every expert's hidden state on the CLS row: frozen ones without autograd, one matmul
+        # 1) every expert's hidden state on the CLS row, one matmul over the frozen stack. It stays in
+        #    the autograd graph: the frozen weights need no gradient, but the block input does, and in
+        #    the released code it flows back through the frozen experts and routers into the trainable
+        #    parts of earlier blocks. Saved for backward: B·F·r hidden numbers, no (B, F, d) stack.
         h_fz = None
         if n_fz:
-            with torch.no_grad():
-                h_fz = hidden(normed[:, 0], folded.w1[:n_fz], folded.b1[:n_fz], p, self.training)   # (B, F, r)
+            h_fz = hidden(normed[:, 0], folded.w1[:n_fz], folded.b1[:n_fz], p, self.training)       # (B, F, r)
         out_live = live_row = None
         if has_live:  # the trainable expert runs on all tokens with autograd; its CLS row routes
             w1, b1, w2t, b2 = (t[0] for t in fold_adapters([self.experts[n_fz]]))
             out_live = F.dropout(torch.relu(normed @ w1.T + b1), p, self.training) @ w2t + b2        # (B, N, d)
             live_row = out_live[:, :1]
 
-        # 2) routing: entropies and router logits from the hidden states (not differentiable)
+        # 2) routing: the choice of routers and experts (integers) from entropies computed without
+        #    gradient; the chosen routers' logits are differentiable, as in the released code
         def entropies(upto: int) -> torch.Tensor:
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                cols = [perceptron_logits_entropy(folded, h_fz, min(upto, n_fz))] if n_fz and upto else []
+                cols = [perceptron_logits_entropy(folded, h_fz.detach(), min(upto, n_fz))] if n_fz and upto else []
                 if upto > n_fz:
                     cols.append(entropy(self.perceptrons[n_fz](live_row[:, 0]))[:, None])
                 return self._normalise(torch.cat(cols, 1), upto)
@@ -209,8 +212,7 @@ class BRMoE(nn.Module):
         self.last_selected = selected
         rows = x.new_full((b, selected.shape[1], n_exp), float("-inf"), dtype=torch.float32)
         if n_fz:
-            with torch.no_grad():
-                rows = router_logits(folded, h_fz, selected, n_exp).float()
+            rows = router_logits(folded, h_fz, selected, n_exp).float()
         if has_live:
             is_live = (selected == n_fz)[:, :, None]
             live_logits = self.routers[n_fz](live_row[:, 0]).float()                                  # (B, n_exp)
