@@ -16,15 +16,19 @@
 
 ``preset`` picks the hyper-parameters of one source (spec §4.3); any field set explicitly wins:
 
-| preset | pool M | length L | top-N | λ | lr | batch | clip |
-|---|---|---|---|---|---|---|---|
-| ``paper`` | 10 | 5 | 5 | 0.5 | 0.03 | 128 | – |
-| ``official`` (JAX cifar100) | 10 | 10 | 4 | 1.0 | 0.015 | 128 | 1.0 |
-| ``pytorch-port`` (default; = LAMDA-PILOT ``l2p.json``) | 10 | 5 | 5 | 0.1 | 0.001875 | 16 | 1.0 |
+| preset | pool M | length L | top-N | λ | lr | batch | clip | head init | vote ties |
+|---|---|---|---|---|---|---|---|---|---|
+| ``paper`` | 10 | 5 | 5 | 0.5 | 0.03 | 128 | – | linear | lowest |
+| ``official`` (JAX cifar100) | 10 | 10 | 4 | 1.0 | 0.015 | 128 | 1.0 | linear | lowest |
+| ``pytorch-port`` (l2p-pytorch; cilbench ≤ 0.1's default) | 10 | 5 | 5 | 0.1 | 0.001875 | 16 | 1.0 | linear | lowest |
+| ``pilot`` (default; LAMDA-PILOT ``exps/l2p.json`` + ``models/l2p.py``) | 10 | 5 | 5 | 0.1 | 0.001875 | 16 | – | trunc_normal | pilot |
 
-``pytorch-port`` is the default because LAMDA-PILOT runs it, and the L2P numbers CaRE publishes under
-its protocol come from there. Inputs are normalised by the backbone like every other cilbench method
-(the JAX code feeds [0, 1] pixels to a ViT trained on [−1, 1] inputs).
+``pilot`` is the default because the L2P numbers CaRE publishes under its protocol come from
+LAMDA-PILOT: its head is timm's ViT head (trunc-normal std 0.02, zero bias; ``head_init``), it does not
+clip gradients, and its vote breaks ties with ``torch.unique`` + ``torch.topk`` (``vote_ties``). The
+head init of ``paper``/``official`` is ``nn.Linear``'s, not checked against the JAX code. Inputs are
+normalised by the backbone like every other cilbench method (the JAX code feeds [0, 1] pixels to a ViT
+trained on [−1, 1] inputs).
 """
 from __future__ import annotations
 
@@ -48,12 +52,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                      clip_grad=1.0),
     "pytorch-port": dict(pool_size=10, prompt_length=5, top_k=5, pull_coeff=0.1, lr=0.001875, batch_size=16,
                          clip_grad=1.0),
+    "pilot": dict(pool_size=10, prompt_length=5, top_k=5, pull_coeff=0.1, lr=0.001875, batch_size=16, clip_grad=0.0,
+                  head_init="trunc_normal", vote_ties="pilot"),
 }
+EARLIER = dict(head_init="linear", vote_ties="lowest")   # the presets that predate these two settings
+for _name in ("paper", "official", "pytorch-port"):
+    PRESETS[_name] = {**EARLIER, **PRESETS[_name]}
 
 
 @dataclass(frozen=True)
 class L2PConfig:
-    preset: Literal["paper", "official", "pytorch-port"] = "pytorch-port"
+    preset: Literal["paper", "official", "pytorch-port", "pilot"] = "pilot"
     pool_size: int | None = None          # None = the preset's value (table in the module docstring)
     prompt_length: int | None = None
     top_k: int | None = None
@@ -61,6 +70,8 @@ class L2PConfig:
     lr: float | None = None
     batch_size: int | None = None
     clip_grad: float | None = None        # 0 = no clipping
+    head_init: Literal["linear", "trunc_normal"] | None = None   # new head rows (GrowingLinear)
+    vote_ties: Literal["lowest", "pilot"] | None = None          # tie-break of the batch vote
     epochs: int = 5
     batchwise_prompt: bool = True         # majority vote over the training batch
     test_batch_vote: bool = False         # PILOT's vote over the *test* batch (leaks the task; tagged)
@@ -87,20 +98,21 @@ class L2P(Method):
     Config = L2PConfig
     synthetic_defaults: ClassVar[dict] = {}
     flagged_settings: ClassVar[dict] = {"test_batch_vote": "test-batch vote"}
-    added_settings: ClassVar[dict] = {"test_batch_vote": True}  # runs before it voted at test time
+    # runs made before these settings: voted at test time, nn.Linear head rows, lowest-id vote ties
+    added_settings: ClassVar[dict] = {"test_batch_vote": True, **EARLIER}
 
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
         self.backbone.eval().requires_grad_(False)
         c, d = self.cfg, backbone.embed_dim
         self.pool = PromptPool(c.pool_size, c.prompt_length, d, c.top_k).to(self.ctx.device)
-        self.head = GrowingLinear(d).to(self.ctx.device)
+        self.head = GrowingLinear(d, c.head_init).to(self.ctx.device)
         self.queries = FeatureCache(self.backbone)
 
     def forward(self, batch: Batch, training: bool):
         """(logits over the head's classes, selection) for a batch."""
         vote = self.cfg.batchwise_prompt if training else self.cfg.test_batch_vote
-        sel = self.pool.select(self.queries(batch), vote)
+        sel = self.pool.select(self.queries(batch), vote, self.cfg.vote_ties)
         feats = prompted_tokens(self.backbone, batch.images, sel.prompts).mean(1)
         return self.head(feats), sel
 

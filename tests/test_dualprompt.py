@@ -79,3 +79,44 @@ def test_bad_layers_are_config_errors():
         DualPromptConfig(g_layers=(0, 1), e_layers=(1, 2))
     with pytest.raises(ConfigError):
         make_method(DualPrompt, DualPromptConfig(e_layers=(2, 3, 4)))   # the tiny ViT has 4 blocks
+
+
+def test_the_pilot_preset_is_the_default_and_pins_pilots_recipe():
+    c = DualPromptConfig()
+    assert (c.preset, c.head_init, c.clip_grad, c.shared_pool, c.vote_ties) == ("pilot", "trunc_normal", 0.0, True,
+                                                                                "pilot")
+    old = DualPromptConfig(preset="cilbench-0.1")
+    assert (old.head_init, old.clip_grad, old.shared_pool, old.vote_ties) == ("linear", 1.0, False, "lowest")
+
+
+def test_shared_pool_starts_task_t_from_task_t_minus_1s_e_prompt(monkeypatch):
+    import methods.dualprompt as dp
+
+    seen = []
+    monkeypatch.setattr(dp, "adam_epochs", lambda *a, **k: seen.append(method.e_prompt.detach().clone()))
+    method, tasks = make_method(DualPrompt, DualPromptConfig(**SYNTH))
+    before = method.e_prompt.detach().clone()
+    method.learn(tasks[0])
+    torch.testing.assert_close(seen[0], before)                  # task 0: no copy
+    with torch.no_grad():
+        method.e_prompt[:, :, 0] += 1.0                         # as if task 0 had trained its slot
+    method.learn(tasks[1])
+    assert torch.equal(seen[1][:, :, 1], seen[1][:, :, 0])        # slot 1 = slot 0 when task 1 starts
+    assert torch.equal(seen[1][:, :, 2:], before[:, :, 2:])
+    plain, tasks = make_method(DualPrompt, DualPromptConfig(**SYNTH, shared_pool=False))
+    seen.clear()
+    method = plain
+    plain.learn(tasks[0]), plain.learn(tasks[1])
+    assert not torch.equal(seen[1][:, :, 1], seen[1][:, :, 0])
+
+
+def test_pilot_prefix_reshape_reproduces_the_reference_bug():
+    from methods.dualprompt import e_prefixes
+
+    e = torch.arange(1 * 2 * 4 * 1 * 1, dtype=torch.float).view(1, 2, 4, 1, 1)   # value = 4·kv + slot
+    idx = torch.tensor([[0], [1], [2], [3]])                                       # sample b picks slot b
+    right = e_prefixes(e, idx)[0, :, :, 0, 0]                                      # (B, 2)
+    assert right.tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]                     # (key_b, value_b)
+    bug = e_prefixes(e, idx, pilot_reshape=True)[0, :, :, 0, 0]
+    # PILOT reshapes (kv, B) as (B, kv): rows 0-1 get key halves of samples (0,1), (2,3); rows 2-3 value halves
+    assert bug.tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]

@@ -85,3 +85,42 @@ def test_presets_and_overrides():
     assert L2PConfig(preset="paper", lr=0.01).lr == 0.01
     with pytest.raises(ConfigError):
         L2PConfig(top_k=11)
+
+
+def test_the_pilot_preset_is_pilots_recipe_and_the_default():
+    c = L2PConfig()
+    assert c.preset == "pilot" and c.clip_grad == 0.0 and c.head_init == "trunc_normal" and c.vote_ties == "pilot"
+    assert (c.pool_size, c.prompt_length, c.top_k, c.pull_coeff, c.lr, c.batch_size) == (10, 5, 5, 0.1, 0.001875, 16)
+    port = L2PConfig(preset="pytorch-port")
+    assert port.clip_grad == 1.0 and port.head_init == "linear" and port.vote_ties == "lowest"
+
+
+def test_pilot_head_rows_are_timms_vit_head_init():
+    """trunc-normal(std 0.02), zero bias (timm init_weights_vit_timm); nn.Linear's default on 128 inputs
+    would be uniform(±1/√128), std ≈ 0.051."""
+    torch.manual_seed(0)
+    method, tasks = make_method(L2P, L2PConfig())
+    method.head.grow(40)
+    w = method.head.weight.detach()
+    assert torch.equal(method.head.bias.detach(), torch.zeros(40))
+    assert 0.018 < w.std().item() < 0.022 and abs(w.mean().item()) < 0.002
+    linear, _ = make_method(L2P, L2PConfig(preset="pytorch-port"))
+    linear.head.grow(40)
+    assert linear.head.weight.detach().std().item() > 0.045
+
+
+@pytest.mark.parametrize("preset, clipped", [("pilot", False), ("pytorch-port", True)])
+def test_pilot_does_not_clip_gradients(monkeypatch, preset, clipped):
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    method, tasks = make_method(L2P, L2PConfig(preset=preset, epochs=1))
+    method.learn(tasks[0])
+    assert (len(calls) > 0) == clipped and all(c == 1.0 for c in calls)
+
+
+def test_pilot_vote_tie_break_is_unique_then_topk_over_counts():
+    idx = torch.tensor([[3, 1], [3, 2], [1, 0], [2, 3]])          # counts: 3->3, 1->2, 2->2, 0->1
+    top = majority(idx, 5, 2, ties="pilot")
+    assert top[0, 0] == 3 and top[0, 1] in (1, 2)                  # 1 and 2 tie: torch.topk picks one
+    assert majority(torch.tensor([[4, 4]]), 5, 1, ties="pilot").tolist() == [[4]]

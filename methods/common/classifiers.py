@@ -45,11 +45,15 @@ class CosinePrototypes(nn.Module):
 
 
 class GrowingLinear(nn.Module):
-    """A linear head whose output grows per task; old rows are kept (and stay trainable)."""
+    """A linear head whose output grows per task; old rows are kept (and stay trainable). New rows
+    start as ``nn.Linear``'s (``init = "linear"``) or as timm's ViT head, trunc-normal(std 0.02) with
+    zero bias (``"trunc_normal"``: PILOT's L2P/DualPrompt heads)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, init: str = "linear"):
         super().__init__()
-        self.dim = dim
+        if init not in ("linear", "trunc_normal"):
+            raise ValueError(f"unknown head init {init!r}")
+        self.dim, self.init = dim, init
         self.weight = nn.Parameter(torch.zeros(0, dim))
         self.bias = nn.Parameter(torch.zeros(0))
 
@@ -61,6 +65,9 @@ class GrowingLinear(nn.Module):
         if n_total <= self.n_classes:
             return
         new = nn.Linear(self.dim, n_total - self.n_classes).to(self.weight.device)
+        if self.init == "trunc_normal":
+            nn.init.trunc_normal_(new.weight, std=0.02)
+            nn.init.zeros_(new.bias)
         self.weight = nn.Parameter(torch.cat([self.weight.data, new.weight.data]))
         self.bias = nn.Parameter(torch.cat([self.bias.data, new.bias.data]))
 

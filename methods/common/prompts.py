@@ -40,19 +40,27 @@ class PromptPool(nn.Module):
         """(B, M) cosine similarity between queries and keys."""
         return F.normalize(query, dim=1) @ F.normalize(self.keys, dim=1).T
 
-    def select(self, query: torch.Tensor, vote: bool) -> Selection:
+    def select(self, query: torch.Tensor, vote: bool, ties: str = "lowest") -> Selection:
         """Top-N keys per sample, or (``vote``) the batch's N most frequent picks for every sample."""
         sim = self.similarity(query)
         idx = sim.detach().topk(self.top_k, dim=1).indices
         if vote:
-            idx = majority(idx, self.size, self.top_k).expand(len(idx), -1)
+            idx = majority(idx, self.size, self.top_k, ties).expand(len(idx), -1)
         b, n = idx.shape
         prompts = self.prompts[idx].reshape(b, n * self.prompts.shape[1], -1)
         return Selection(idx, sim.gather(1, idx), prompts)
 
 
-def majority(idx: torch.Tensor, size: int, k: int) -> torch.Tensor:
-    """The k ids picked most often across the batch (ties: lower id first), shape (1, k)."""
+def majority(idx: torch.Tensor, size: int, k: int, ties: str = "lowest") -> torch.Tensor:
+    """The k ids picked most often across the batch, shape (1, k). Ties: ``lowest`` id first
+    (deterministic), or ``pilot``: the reference codes' ``torch.unique`` + ``torch.topk`` over the
+    counts, whose order among equal counts is whatever ``topk`` returns."""
+    if ties == "pilot":
+        ids, counts = torch.unique(idx, return_counts=True, sorted=True)
+        if len(ids) < size:  # jnp.unique's fill, as ported: the smallest id, with count 0
+            ids = torch.cat([ids, ids.new_full((size - len(ids),), int(idx.min()))])
+            counts = torch.cat([counts, counts.new_zeros(size - len(counts))])
+        return ids[torch.topk(counts, k=k).indices].unsqueeze(0)
     counts = torch.bincount(idx.flatten(), minlength=size)
     order = torch.sort(counts, descending=True, stable=True).indices
     return order[:k].unsqueeze(0)
