@@ -120,3 +120,28 @@ def test_variant_defaults_follow_pilot_and_explicit_values_win():
     assert APERConfig(variant="finetune", tuned_epoch=3).tuned_epoch == 3
     with pytest.raises(ConfigError):
         APERConfig(ffn_num=0)
+
+
+def test_the_synthetic_schedule_raises_only_the_adapter_lr_and_only_on_synthetic_benchmarks():
+    from cilbench.runner import RunRequest, resolve
+
+    cfg = lambda bench, *sets: resolve(RunRequest("aper", bench, sets=list(sets))).method_cfg  # noqa: E731
+    assert (cfg("synth-10").schedule, cfg("synth-10").init_lr) == ("synthetic", 0.2)
+    assert cfg("synth-10", "method.variant=ssf").init_lr == 0.01
+    assert (cfg("inr-10").schedule, cfg("inr-10").init_lr) == ("pilot", 0.01)      # real data: PILOT's
+    assert cfg("synth-10", "method.init_lr=0.05").init_lr == 0.05                  # explicit wins
+
+
+def test_at_the_synthetic_lr_the_adapter_moves_the_features():
+    """The reason for the synthetic schedule: at PILOT's lr the adapter leaves the CLS feature as it was."""
+    import torch.nn.functional as F
+
+    cosines = []
+    for lr in (0.01, 0.2):
+        torch.manual_seed(0)
+        method, tasks = make_method(APER, APERConfig(variant="adapter", init_lr=lr, tuned_epoch=8, batch_size=4))
+        method.learn(tasks[0])
+        batch = next(iter(tasks[0].data.test_view(tasks[0].stop, 64)))
+        with torch.no_grad():
+            cosines.append(F.cosine_similarity(method.backbone(batch.images), method.adapted(batch.images)).mean())
+    assert cosines[0] > 0.999 and (1 - cosines[1]) > 20 * (1 - cosines[0])   # the synthetic lr moves it 20x more
