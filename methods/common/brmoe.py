@@ -23,8 +23,9 @@ Two dispatch paths compute the same function (spec §5.2):
   <= M·K experts with weight run on all tokens. Experts outside the selected top-K get weight
   e^-100 ≈ 3.7e-44 in the released code; the sparse path drops them (the -inf semantics), which is
   below float32 resolution unless the top router logit is < ≈ -78. Frozen experts' folded stacks
-  are cached, so cost and activations no longer grow with the number of tasks beyond B·T·r hidden
-  numbers and the selected routers' rows.
+  are cached, so cost no longer grows with the number of tasks beyond B·T·r hidden numbers, and the
+  activations saved for backward beyond the selected routers' rows (B·M·T). The block input's
+  gradient is the released one: it flows through the chosen routers and experts (``CLSHidden``).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.common.adapters import Adapter, average_into
-from methods.common.folded_experts import (FoldedExperts, entropy, fold, fold_adapters, hidden,
+from methods.common.folded_experts import (CLSHidden, FoldedExperts, entropy, fold, fold_adapters,
                                            perceptron_logits_entropy, router_logits, stacked_rows)
 
 
@@ -186,13 +187,14 @@ class BRMoE(nn.Module):
         p = self.cfg.dropout if self.training else 0.0
         normed = F.layer_norm(x, (x.shape[-1],), eps=self.experts[0].ln.eps)
         b = x.shape[0]
-        # 1) every expert's hidden state on the CLS row, one matmul over the frozen stack. It stays in
-        #    the autograd graph: the frozen weights need no gradient, but the block input does, and in
-        #    the released code it flows back through the frozen experts and routers into the trainable
-        #    parts of earlier blocks. Saved for backward: B·F·r hidden numbers, no (B, F, d) stack.
-        h_fz = None
+        # 1) every frozen expert's hidden state on the CLS row, one matmul over the frozen stack. The
+        #    states of the experts and routers the output uses stay in the autograd graph: the frozen
+        #    weights need no gradient, but the block input does, and in the released code it flows back
+        #    through them into the trainable parts of earlier blocks (``CLSHidden``)
+        cls_h = h_fz = None
         if n_fz:
-            h_fz = hidden(normed[:, 0], folded.w1[:n_fz], folded.b1[:n_fz], p, self.training)       # (B, F, r)
+            cls_h = CLSHidden(normed[:, 0], folded.w1[:n_fz], folded.b1[:n_fz], p, self.training)
+            h_fz = cls_h.values()                                                                  # (B, F, r)
         out_live = live_row = None
         if has_live:  # the trainable expert runs on all tokens with autograd; its CLS row routes
             w1, b1, w2t, b2 = (t[0] for t in fold_adapters([self.experts[n_fz]]))
@@ -203,7 +205,7 @@ class BRMoE(nn.Module):
         #    gradient; the chosen routers' logits are differentiable, as in the released code
         def entropies(upto: int) -> torch.Tensor:
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                cols = [perceptron_logits_entropy(folded, h_fz.detach(), min(upto, n_fz))] if n_fz and upto else []
+                cols = [perceptron_logits_entropy(folded, h_fz, min(upto, n_fz))] if n_fz and upto else []
                 if upto > n_fz:
                     cols.append(entropy(self.perceptrons[n_fz](live_row[:, 0]))[:, None])
                 return self._normalise(torch.cat(cols, 1), upto)
@@ -212,7 +214,7 @@ class BRMoE(nn.Module):
         self.last_selected = selected
         rows = x.new_full((b, selected.shape[1], n_exp), float("-inf"), dtype=torch.float32)
         if n_fz:
-            rows = router_logits(folded, h_fz, selected, n_exp).float()
+            rows = router_logits(folded, cls_h.rows(selected.clamp(max=n_fz - 1)), selected, n_exp).float()
         if has_live:
             is_live = (selected == n_fz)[:, :, None]
             live_logits = self.routers[n_fz](live_row[:, 0]).float()                                  # (B, n_exp)
@@ -226,7 +228,7 @@ class BRMoE(nn.Module):
         self.last_experts = idx
 
         # 3) mixture: only the <= M·K selected experts; the CLS row reuses the routing hidden states
-        mixed = self._frozen_mixture(folded, normed, h_fz, wt, idx, n_fz, p) if n_fz else 0
+        mixed = self._frozen_mixture(folded, normed, cls_h, wt, idx, n_fz, p) if n_fz else 0
         if has_live:  # weighted by its (differentiable) mixture weight
             wt_live = (wt * (idx == n_fz)).sum(1)[:, None, None]                                       # (B, 1, 1)
             mixed = mixed + wt_live * out_live
@@ -235,11 +237,11 @@ class BRMoE(nn.Module):
             if task == n_fz and has_live:
                 own = live_row[:, 0]
             else:
-                own = h_fz[:, task] @ folded.w2t[task] + folded.b2[task]
+                own = cls_h.rows(torch.full((b, 1), task, device=x.device))[:, 0] @ folded.w2t[task] + folded.b2[task]
             latent = self.perceptrons[task](own)
         return mixed + self.shared(x), latent
 
-    def _frozen_mixture(self, f: FoldedExperts, normed: torch.Tensor, h_fz: torch.Tensor, wt: torch.Tensor,
+    def _frozen_mixture(self, f: FoldedExperts, normed: torch.Tensor, cls_h: CLSHidden, wt: torch.Tensor,
                         idx: torch.Tensor, n_fz: int, p: float) -> torch.Tensor:
         """Σ_u wt_u · E_idx_u(x) over the selected frozen experts (slots holding the live expert get
         weight 0). Down-projection: the selected experts' W1 rows gathered per sample, one batched
@@ -255,7 +257,7 @@ class BRMoE(nn.Module):
         w1 = f.w1.index_select(0, flat).view(b, u * r, d)
         b1 = f.b1.index_select(0, flat).view(b, 1, u * r)
         h = F.dropout(torch.relu(torch.baddbmm(b1, normed[:, 1:], w1.transpose(1, 2))), p, self.training)
-        h_cls = h_fz.gather(1, experts[:, :, None].expand(-1, -1, r)).reshape(b, 1, u * r)
+        h_cls = cls_h.rows(experts).reshape(b, 1, u * r)
         h = torch.cat([h_cls.to(h.dtype), h], 1) * wt.to(h.dtype).repeat_interleave(r, 1)[:, None]   # (B, N, U·r)
         rows = stacked_rows(experts, r).view(b, 1, u * r)
         table = f.w2t.view(-1, d)

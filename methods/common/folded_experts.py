@@ -44,11 +44,32 @@ def fold_adapters(experts: list[nn.Module]) -> tuple[torch.Tensor, ...]:
     return w1, b1, w2t, b2
 
 
-def hidden(normed_cls: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """(B, E, r) bottleneck states of E experts on one normalised token per sample: one matmul."""
-    e, r, d = w1.shape
-    h = (normed_cls @ w1.reshape(e * r, d).T).view(-1, e, r) + b1
-    return F.dropout(torch.relu(h), p, training)
+class CLSHidden:
+    """The bottleneck states h = Dropout(ReLU(W1·n + b1)) of E frozen experts on the CLS row: one
+    matmul for all of them. ``values()`` (no gradient) serves the routing choices; ``rows(experts)``
+    gives the chosen experts' states in the autograd graph, so the block input's gradient flows
+    through exactly the experts and routers that the output uses, as in the released code. Autograd
+    then saves only the CLS row, the gathered rows and their masks: nothing that grows with E."""
+
+    def __init__(self, normed_cls: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, p: float, training: bool):
+        e, r, d = w1.shape
+        self.pre = (normed_cls @ w1.reshape(e * r, d).T).view(-1, e, r) + b1                  # (B, E, r)
+        self.mask = None                                                                      # dropout keep / (1-p)
+        if training and p > 0:
+            self.mask = torch.empty_like(self.pre, dtype=torch.float32).bernoulli_(1 - p).div_(1 - p)
+
+    def values(self) -> torch.Tensor:
+        """(B, E, r) states of every expert, without gradient."""
+        with torch.no_grad():
+            h = torch.relu(self.pre)
+            return h * self.mask.to(h.dtype) if self.mask is not None else h
+
+    def rows(self, experts: torch.Tensor) -> torch.Tensor:
+        """(B, K, r) states of experts (B, K) per sample, differentiable in the block input. Indexing,
+        not ``gather``: autograd keeps only the indices for it (``gather`` would keep all of ``pre``)."""
+        batch = torch.arange(len(experts), device=experts.device)[:, None]
+        h = torch.relu(self.pre[batch, experts])
+        return h * self.mask[batch, experts].to(h.dtype) if self.mask is not None else h
 
 
 @dataclass
@@ -146,16 +167,17 @@ def stacked_rows(experts: torch.Tensor, r: int) -> torch.Tensor:
     return experts[..., None] * r + torch.arange(r, device=experts.device)
 
 
-def router_logits(f: FoldedExperts, h: torch.Tensor, selected: torch.Tensor, n_cols: int) -> torch.Tensor:
+def router_logits(f: FoldedExperts, h_sel: torch.Tensor, selected: torch.Tensor, n_cols: int) -> torch.Tensor:
     """(B, S, n_cols) logits of the selected folded routers (indices < f.n) on their experts' hidden
-    states; columns beyond a router's outputs are -inf. Each logit row is a sum of r table rows
-    weighted by the hidden state, so one ``embedding_bag`` reads the selected routers' weights in
-    place (gathering them into a (B·S, n, r) copy first was 10x slower at n = 301)."""
+    states ``h_sel`` (B, S, r), gathered for ``selected.clamp(max=f.n - 1)``; columns beyond a
+    router's outputs are -inf. Each logit row is a sum of r table rows weighted by the hidden state,
+    so one ``embedding_bag`` reads the selected routers' weights in place (gathering them into a
+    (B·S, n, r) copy first was 10x slower at n = 301)."""
     b, s = selected.shape
-    r = h.shape[2]
+    r = h_sel.shape[2]
     sel = selected.clamp(max=f.n - 1).flatten()
     cols = min(n_cols, f.n)
-    h_sel = h.gather(1, sel.view(b, s, 1).expand(-1, -1, r)).view(b * s, r)                    # (B·S, r)
+    h_sel = h_sel.reshape(b * s, r)
     rows = stacked_rows(sel, r)                                                                 # (B·S, r)
     logits = F.embedding_bag(rows, f.router_w, per_sample_weights=h_sel.to(f.router_w.dtype), mode="sum")
     logits = (logits + f.router_b.index_select(0, sel))[:, :cols].view(b, s, cols)
