@@ -7,6 +7,9 @@
   to a few columns, plus the run folder(s) behind each row and the code version that made them. Every
   metric is recomputed from the stored matrices (``cilbench.compare``).
 - The bad-input table: `python -m tests.test_reliability` (each bad input and the two lines it prints).
+- The CaRE speed table: `results/perf/care_speed.csv` (sparse) and `care_speed_dense.csv` (dense), as
+  written by `python benchmarks/perf/care_speed.py`: throughput as a ratio to the backbone per T, and
+  the activations a training step saves.
 
 Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers in README.md.
 """
@@ -45,6 +48,32 @@ def results_table(leaderboard_dir: Path) -> str:
     return to_markdown(table).strip()
 
 
+def care_speed_table() -> str:
+    import pandas as pd
+
+    perf = REPO / "results" / "perf"
+    df = pd.concat([pd.read_csv(perf / "care_speed.csv"), pd.read_csv(perf / "care_speed_dense.csv")])
+    df = df[df.path != "backbone"]
+    tasks = sorted(df["T"].unique())
+    names = {"tiny": "tiny", "vitb": "ViT-B/16"}
+    lines = ["| arch (batch) | path | " + " | ".join(f"T={t}" for t in tasks) + " | saved activations, train step |",
+             "|" + "---|" * (len(tasks) + 3)]
+    for arch in ("tiny", "vitb"):
+        for mode in ("inference", "train"):
+            for path in ("sparse", "dense"):
+                rows = df[(df.arch == arch) & (df["mode"] == mode) & (df.path == path)].set_index("T")
+                if rows.empty:
+                    continue
+                ratio = [f"{rows.vs_backbone[t]:.2f}" if t in rows.index and rows.vs_backbone[t] == rows.vs_backbone[t]
+                         else "–" for t in tasks]
+                mem = rows.saved_activation_mb.dropna()
+                saved = f"{mem.iloc[0]:,.0f} MB (T={mem.index[0]}) → {mem.iloc[-1]:,.0f} MB (T={mem.index[-1]})" \
+                    if mode == "train" and len(mem) else ""
+                batch = int(rows.batch.iloc[0])
+                lines.append(f"| {names[arch]} ({batch}) | {path} {mode} | " + " | ".join(ratio) + f" | {saved} |")
+    return "\n".join(lines)
+
+
 def bad_input_table() -> str:
     import os
 
@@ -73,6 +102,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:  # --check leaves results/leaderboard.* alone
         new = replace_block(old, "results", results_table(Path(scratch) if args.check else REPO / "results"))
     new = replace_block(new, "bad-input", bad_input_table())
+    new = replace_block(new, "care-speed", care_speed_table())
     if args.check:
         print("README.md is up to date" if new == old else "README.md is out of date")
         return int(new != old)
