@@ -22,7 +22,7 @@ import torch
 from cilbench.data.stream import ClassIncrementalData
 from cilbench.errors import CilbenchError
 from cilbench.method import Method, OnlineProtocol, RunContext, Task
-from cilbench.metrics import Record
+from cilbench.metrics import Record, percent
 from cilbench.protocol import TaskSplit
 
 
@@ -57,8 +57,7 @@ class TaskScores:
 
     @property
     def per_task(self) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.n > 0, 100.0 * self.c1 / np.maximum(self.n, 1), np.nan)
+        return percent(self.c1, self.n)
 
     def overall(self, hits: np.ndarray) -> float:
         return 100.0 * hits.sum() / self.n.sum() if self.n.sum() else float("nan")

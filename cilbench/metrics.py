@@ -67,9 +67,7 @@ class Record:
     @classmethod
     def from_counts(cls, n: np.ndarray, c1: np.ndarray, c5: np.ndarray) -> "Record":
         n, c1, c5 = (np.asarray(x, dtype=float) for x in (n, c1, c5))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            a = np.where(n > 0, 100.0 * c1 / np.where(n > 0, n, 1), np.nan)   # NaN n -> NaN too
-        return cls(a=a, n=n, c1=c1, c5=c5)
+        return cls(a=percent(c1, n), n=n, c1=c1, c5=c5)
 
     @property
     def evaluated(self) -> np.ndarray:
@@ -99,6 +97,13 @@ class Record:
             return []
         rows, cols = np.nonzero(self.n == 0)
         return list(zip(rows.tolist(), cols.tolist()))
+
+
+def percent(hits: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """100·hits/n per cell; NaN where nothing was scored (n = 0) or not evaluated (n = NaN)."""
+    hits, n = np.asarray(hits, dtype=float), np.asarray(n, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, 100.0 * hits / np.where(n > 0, n, 1), np.nan)
 
 
 def _nanmean_rows(x: np.ndarray) -> np.ndarray:
