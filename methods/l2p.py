@@ -46,18 +46,17 @@ from methods.common.classifiers import GrowingLinear
 from methods.common.prompts import PromptPool, prompted_tokens
 from methods.common.training import adam_epochs, cross_entropy, current_task_ce
 
+EARLIER = dict(head_init="linear", vote_ties="lowest")   # the recipe before the pilot preset had these two
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": dict(pool_size=10, prompt_length=5, top_k=5, pull_coeff=0.5, lr=0.03, batch_size=128, clip_grad=0.0),
+    "paper": dict(pool_size=10, prompt_length=5, top_k=5, pull_coeff=0.5, lr=0.03, batch_size=128, clip_grad=0.0,
+                  **EARLIER),
     "official": dict(pool_size=10, prompt_length=10, top_k=4, pull_coeff=1.0, lr=0.015, batch_size=128,
-                     clip_grad=1.0),
+                     clip_grad=1.0, **EARLIER),
     "pytorch-port": dict(pool_size=10, prompt_length=5, top_k=5, pull_coeff=0.1, lr=0.001875, batch_size=16,
-                         clip_grad=1.0),
+                         clip_grad=1.0, **EARLIER),
     "pilot": dict(pool_size=10, prompt_length=5, top_k=5, pull_coeff=0.1, lr=0.001875, batch_size=16, clip_grad=0.0,
                   head_init="trunc_normal", vote_ties="pilot"),
 }
-EARLIER = dict(head_init="linear", vote_ties="lowest")   # the presets that predate these two settings
-for _name in ("paper", "official", "pytorch-port"):
-    PRESETS[_name] = {**EARLIER, **PRESETS[_name]}
 
 
 @dataclass(frozen=True)
