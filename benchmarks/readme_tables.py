@@ -31,17 +31,13 @@ COLUMNS = ["method", "benchmark", "Ā", "last acc", "forgetting (PILOT)", "forge
 
 def results_table(leaderboard_dir: Path) -> str:
     """The trimmed table; ``cilbench compare``'s full leaderboard and plots go to ``leaderboard_dir``."""
-    from cilbench.compare import (aggregate, deduplicate, display_table, find_runs, label_variants, load_run,
-                                  to_markdown, write_comparison)
+    from cilbench.compare import find_runs, load_run, to_markdown, write_comparison
 
-    runs = [load_run(p) for p in find_runs(RUNS)]
-    write_comparison(runs, leaderboard_dir)
-    labelled, _ = deduplicate(label_variants(runs))
-    board = aggregate(labelled)
-    table = display_table(board)[COLUMNS]
+    comparison = write_comparison([load_run(p) for p in find_runs(RUNS)], leaderboard_dir)
+    board, table = comparison.board, comparison.table[COLUMNS]
     folders, codes = [], []
     for bench, method in zip(board.benchmark, board.method):
-        group = [r for r in labelled if r.benchmark == bench and r.method == method]
+        group = [r for r in comparison.runs if r.benchmark == bench and r.method == method]
         folders.append(", ".join(f"`{r.path.relative_to(REPO / 'results' / 'runs')}`" for r in group))
         codes.append(", ".join(sorted({r.code for r in group})))
     table = table.assign(run=folders, code=codes)

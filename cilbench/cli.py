@@ -122,8 +122,9 @@ def _compare(args) -> int:
         raise CilbenchError(f"no run folders found in {', '.join(map(str, roots))}",
                             "run `cilbench run ...` first, or point at the folders holding summary.json")
     out = Path(args.out) if args.out else (Path(args.results) if args.results else roots[0])
-    table, files, dropped = write_comparison(runs, out, args.with_published, args.split_orders)
-    for path in dropped:
+    comparison = write_comparison(runs, out, args.with_published, args.split_orders)
+    table, files = comparison.table, comparison.files
+    for path in comparison.dropped:
         console.print(f"[yellow]note:[/] {escape(str(path))} repeats a seed and class order of a newer run; "
                       "counted once (the newer)")
     rich_table = Table(title=f"leaderboard ({len(runs)} runs; every column in {out / 'leaderboard.md'})")
@@ -171,13 +172,13 @@ def _print_summary(path: Path) -> None:
     tags = "".join(f" [{t}]" for t in s.get("tags", []))
     table = Table(title=f"{s['method']}{tags} on {s['benchmark']} (seed {s['seed']}, class order "
                         f"{s.get('order_seed', 1993)}) - {s['status']}")
-    cols = {"tasks": None, "A_last": "last_acc", "Ā": "avg_inc_acc", "forget PILOT": "forgetting_pilot",
-            "forget Chaudhry": "forgetting_chaudhry", "forget Avalanche": "forgetting_avalanche", "BWT": "bwt",
-            "top5": "last_top5"}
-    for col in [*cols, "added", "learn s", "eval s"]:
+    metrics = {"A_last": "last_acc", "Ā": "avg_inc_acc", "forget PILOT": "forgetting_pilot",
+               "forget Chaudhry": "forgetting_chaudhry", "forget Avalanche": "forgetting_avalanche", "BWT": "bwt",
+               "top5": "last_top5"}
+    for col in ["tasks", *metrics, "added", "learn s", "eval s"]:
         table.add_column(col, justify="right")
     f = lambda v: "-" if v is None or v != v else f"{v:.2f}"  # noqa: E731  (None/NaN = undefined)
-    table.add_row(f"{m['tasks_done']}/{m['n_tasks']}", *(f(m.get(k)) for k in list(cols.values())[1:]),
+    table.add_row(f"{m['tasks_done']}/{m['n_tasks']}", *(f(m[k]) for k in metrics.values()),
                   f"{s['cost']['added']:,}", f"{s['learn_s_total']:.1f}", f"{s['eval_s_total']:.1f}")
     console.print(table)
     console.print(f"code {s.get('code_version', 'unrecorded')}, {s.get('device', '?')}, {s.get('threads', '?')} threads")

@@ -293,10 +293,19 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """What ``write_comparison`` wrote and the rows behind it."""
+    table: pd.DataFrame        # the display table (strings), as in leaderboard.md
+    board: pd.DataFrame        # the numeric leaderboard, as in leaderboard.csv
+    runs: list[Run]            # the runs it aggregated, labelled as in the tables
+    files: list[Path]          # everything written under ``out``
+    dropped: list[Path]        # run folders left out as repeats of a newer run
+
+
 def write_comparison(runs: list[Run], out: Path, with_published: bool = False,
-                     split_orders: bool = False) -> tuple[pd.DataFrame, list[Path], list[Path]]:
-    """leaderboard.csv / leaderboard.md and plots under ``out``; returns the display table, the files
-    written and the run folders left out as duplicates."""
+                     split_orders: bool = False) -> Comparison:
+    """leaderboard.csv / leaderboard.md and plots under ``out``."""
     from cilbench.ioutil import atomic_write_text
     from cilbench.metrics import forgetting_curve
     from cilbench.report import cost_vs_accuracy, heatmap, method_colors, method_curves
@@ -330,4 +339,4 @@ def write_comparison(runs: list[Run], out: Path, with_published: bool = False,
         for r in group:
             files += heatmap(r.matrix, f"{r.method} on {bench} (seed {r.seed}, order {r.order_seed})",
                              plots / "heatmaps" / slug(f"{bench}__{r.method}__s{r.seed}__o{r.order_seed}"))
-    return table, files, dropped
+    return Comparison(table, board, runs, files, dropped)

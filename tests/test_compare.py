@@ -88,7 +88,7 @@ def test_incomplete_runs_are_listed_apart_and_never_averaged(results):
 def test_written_files_and_published_rows(results, tmp_path):
     out = tmp_path / "cmp"
     runs = [load_run(p) for p in find_runs([results])]
-    table, files, _ = write_comparison(runs, out, with_published=False)
+    table = write_comparison(runs, out, with_published=False).table
     csv = pd.read_csv(out / "leaderboard.csv")
     assert {"method", "benchmark", "seeds", "orders", "n", "avg_inc_acc", "last_acc", "forgetting_pilot",
             "forgetting_chaudhry", "forgetting_avalanche", "bwt",
@@ -100,7 +100,7 @@ def test_written_files_and_published_rows(results, tmp_path):
     # published numbers ride along only when asked, labelled as such
     make_run(results, "ob1k-301", "gamma", 1, [[50.0]], [50.0])
     runs = [load_run(p) for p in find_runs([results])]
-    table, _, _ = write_comparison(runs, out, with_published=True)
+    table = write_comparison(runs, out, with_published=True).table
     pub = table[table.method == "care (published)"]
     assert len(pub) == 1 and pub.iloc[0]["last acc"] == "68.51" and "CaRE" in pub.iloc[0]["status"]
     assert not (table.method == "care (published)").any() or (table.benchmark == "ob1k-301").any()

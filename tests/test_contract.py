@@ -5,10 +5,9 @@ import torch
 
 from cilbench.data.base import Batch
 from cilbench.errors import ConfigError
-from cilbench.method import RunContext, Task
 from cilbench.registry import METHODS
 from cilbench.runner import RunRequest, resolve
-from tests.test_evaluator import tiny_data
+from tests.helpers import make_method
 
 # the briefest training that still exercises each method's learned parts
 QUICK = {"finetune": ["method.epochs=1"], "joint": ["method.epochs=1", "method.schedule=every"],
@@ -19,19 +18,15 @@ QUICK = {"finetune": ["method.epochs=1"], "joint": ["method.epochs=1", "method.s
 
 def trained(name, sets=()):
     """The method after learning the first two tasks of tiny-3 (the run's own resolved settings)."""
-    r = resolve(RunRequest(name, "tiny-3", sets=[*QUICK.get(name, []), *sets]))
-    from cilbench.backbones.loader import load_backbone
-    from cilbench.method import BenchmarkInfo, OnlineProtocol
+    from cilbench.method import OnlineProtocol
 
+    r = resolve(RunRequest(name, "tiny-3", sets=[*QUICK.get(name, []), *sets]))
     torch.manual_seed(0)
-    data = tiny_data()
-    method = r.method_cls(r.method_cfg, RunContext(seed=0))
-    method.setup(load_backbone(r.backbone), BenchmarkInfo("tiny-3", 12, 3, (4, 4, 4), 32))
-    online = OnlineProtocol(r.run.online, r.run.online_batch_size, r.run.online_iters)
-    for s in data.splits[:2]:
-        method.learn(Task(s.index, 3, s.start, s.stop, data, seed=0, allow_past_data=method.uses_past_data,
-                          online=online))
-    return method, data
+    method, tasks = make_method(r.method_cls, r.method_cfg, backbone=r.backbone,
+                                online=OnlineProtocol(r.run.online, r.run.online_batch_size, r.run.online_iters))
+    for task in tasks[:2]:
+        method.learn(task)
+    return method, tasks[0].data
 
 
 def one_by_one(method, batch: Batch) -> torch.Tensor:
@@ -77,21 +72,17 @@ def test_methods_refuse_the_online_settings_they_cannot_honour(name, sets, match
         resolve(RunRequest(name, "tiny-3", sets=sets))
 
 
-def test_every_method_accepts_or_refuses_the_online_protocol_before_running():
+def test_every_method_accepts_or_refuses_the_online_protocol_before_running(tmp_path):
     """No method is left to fail mid-run: resolve either refuses it or the whole online run finishes."""
     from cilbench.runner import execute
 
     for name in METHODS.names():
+        one_pass = ["method.epochs=1"] if "epochs" in METHODS.get(name).Config.__dataclass_fields__ else []
         try:
-            r = resolve(RunRequest(name, "tiny-3", sets=["run.online=true", "method.epochs=1"]
-                                   if "epochs" in METHODS.get(name).Config.__dataclass_fields__
-                                   else ["run.online=true"]))
+            r = resolve(RunRequest(name, "tiny-3", out=str(tmp_path), sets=["run.online=true", *one_pass]))
         except ConfigError:
             continue
-        import tempfile
-        with tempfile.TemporaryDirectory() as out:
-            r.run_dir = __import__("pathlib").Path(out) / name
-            assert execute(r).status() == "finished", name
+        assert execute(r).status() == "finished", name
 
 
 def test_online_iters_change_what_the_shared_loop_learns(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cilbench.benchmark import DatasetSpec, get_benchmark
+from cilbench.benchmark import DatasetSpec
 from cilbench.data.sources import load_splits
 from cilbench.data.stream import ClassIncrementalData
 from cilbench.errors import CilbenchError
@@ -18,6 +18,7 @@ from cilbench.evaluator import Evaluator
 from cilbench.method import Method, RunContext
 from cilbench.metrics import summarize
 from cilbench.protocol import make_splits
+from tests.helpers import tiny_data
 
 
 class Stub(Method):
@@ -46,12 +47,6 @@ class Stub(Method):
 
     def load_state_dict(self, state):
         pass
-
-
-def tiny_data(bench="tiny-3", order_seed=None):
-    spec = get_benchmark(bench)
-    train, test = load_splits(spec.dataset, None)
-    return ClassIncrementalData(train, test, spec.n_classes, spec.splits, order_seed or spec.order_seed)
 
 
 def run_all(method, data, eval_every=1, eval_batch_size=7):

@@ -5,7 +5,8 @@ port). A query q (the frozen model's CLS feature) picks the top-N keys by cosine
 ``vote`` every sample of the batch uses the batch's N most frequent picks (majority vote). Both
 reference codes vote at train and test time; at test time the vote makes a sample's prediction depend
 on its batch-mates, so the methods vote at training only unless asked (``test_batch_vote``). Ties in
-the vote go to the lower prompt id, so selection is deterministic.
+the vote go to the lower prompt id (``ties = "lowest"``, deterministic) or, as in PILOT, to whatever
+``torch.topk`` over the ``torch.unique`` counts returns (``"pilot"``).
 """
 from __future__ import annotations
 
