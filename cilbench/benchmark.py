@@ -3,6 +3,8 @@
 A file holds ``[dataset.<key>]`` tables (where the data lives and how it looks) and
 ``[benchmark.<name>]`` tables (dataset + split + class-order seed + backbone + optional per-method
 hyper-parameters taken from the papers' configs, under ``[benchmark.<name>.methods.<method>]``).
+A top-level ``[methods.<method>]`` table applies to every benchmark of the file, below each
+benchmark's own (e.g. the CPU-sized schedules and block choices of the embedded ViT in synth.toml).
 Extra benchmark folders can be added with ``CILBENCH_BENCHMARKS`` (os.pathsep-separated).
 """
 from __future__ import annotations
@@ -94,6 +96,11 @@ def parse_benchmark_file(path: Path) -> list[BenchmarkSpec]:
         if "train_scale" in raw:
             raw = {**raw, "train_scale": tuple(raw["train_scale"])}
         datasets[key] = DatasetSpec(key=key, **raw)
+    unknown_tables = set(doc) - {"dataset", "benchmark", "methods"}
+    if unknown_tables:
+        raise ConfigError(f"{path}: unknown tables {sorted(unknown_tables)}",
+                          "a benchmark file holds [dataset.X], [benchmark.X] and [methods.M] tables")
+    file_methods = {k: dict(v) for k, v in doc.get("methods", {}).items()}
     specs = []
     for name, raw in doc.get("benchmark", {}).items():
         unknown = set(raw) - _BENCH_KEYS
@@ -112,7 +119,8 @@ def parse_benchmark_file(path: Path) -> list[BenchmarkSpec]:
             order_seed=int(raw.get("order_seed", 1993)),
             test_shuffle_seed=int(raw.get("test_shuffle_seed", 1993)),
             backbone=raw.get("backbone", "embedded-tiny"),
-            method_overrides={k: dict(v) for k, v in raw.get("methods", {}).items()},
+            method_overrides={m: {**file_methods.get(m, {}), **raw.get("methods", {}).get(m, {})}
+                              for m in {*file_methods, *raw.get("methods", {})}},
             online=bool(raw.get("online", False)), overlap=_fraction(path, name, raw.get("overlap", 0.0))))
     return specs
 

@@ -43,8 +43,10 @@ METRICS = {
     "stored_numbers": "stored numbers",
     "train_s": "train s",
     "eval_s": "eval s",
-    "peak_mem_mb": "peak mem MB",
+    "peak_cuda_mem_mb": "peak CUDA mem MB",
+    "process_peak_rss_mb": "process peak RSS MB",
 }
+MB_OR_SECONDS = ("train_s", "eval_s", "peak_cuda_mem_mb", "process_peak_rss_mb")
 # run settings that cannot change a number (where files live); seeds are what a row aggregates over
 NOT_A_SETTING = {"run.out_root", "run.data_root", "run.seed"}
 ORDER_KEY = "run.order_seed"
@@ -79,11 +81,15 @@ def code_identity(summary: dict) -> str:
 def _settings(path: Path, code: str) -> dict:
     """method.*, backbone.* and run.* settings of the run (minus NOT_A_SETTING) and its code identity.
     Settings a run predates take the value that reproduces its behaviour (``added_settings``), else the
-    current default, so old runs still separate into variants."""
+    current default, so old runs still separate into variants; removed settings whose stored value
+    is what the code now does (``removed_settings``) are dropped."""
     cfg_file = path / "config.toml"
     cfg = tomllib.loads(cfg_file.read_text()) if cfg_file.exists() else {}
     sections = {"method": cfg.get("method_config", {}), "backbone": cfg.get("backbone", {}), "run": cfg.get("run", {})}
     recorded = {f"{sec}.{k}": v for sec, values in sections.items() for k, v in values.items()}
+    for key, value in _removed(cfg.get("method", "")).items():     # settings that no longer exist
+        if recorded.get(f"method.{key}") == value:
+            del recorded[f"method.{key}"]
     settings = {**_defaults(cfg.get("method", "")), **recorded, "code": code}
     return {k: v for k, v in settings.items() if k not in NOT_A_SETTING}
 
@@ -102,6 +108,12 @@ def _defaults(method: str) -> dict:
                     for f in dataclasses.fields(cls.Config) if f.default is not dataclasses.MISSING})
         out.update({f"method.{k}": v for k, v in cls.added_settings.items()})
     return out
+
+
+def _removed(method: str) -> dict:
+    from cilbench.registry import METHODS
+
+    return METHODS.get(method).removed_settings if method in METHODS.names() else {}
 
 
 def _tags(method: str, settings: dict) -> tuple[str, ...]:
@@ -176,6 +188,16 @@ def load_record(events: list[dict]) -> Record:
     return Record(a=a, acc=acc, top5=top5)
 
 
+def memory_columns(summary: dict) -> dict:
+    """Peak CUDA memory and process peak RSS; runs from before the split stored one ``peak_mem_mb``,
+    which meant the CUDA peak on a CUDA device and the process RSS otherwise."""
+    if "peak_mem_mb" not in summary:
+        return {k: summary.get(k) for k in ("peak_cuda_mem_mb", "process_peak_rss_mb")}
+    on_cuda = str(summary.get("device", "cpu")).startswith("cuda")
+    return {"peak_cuda_mem_mb": summary["peak_mem_mb"] if on_cuda else None,
+            "process_peak_rss_mb": None if on_cuda else summary["peak_mem_mb"]}
+
+
 def load_run(path: Path) -> Run:
     rd = RunDir(path)
     s = rd.read_summary()
@@ -186,7 +208,7 @@ def load_run(path: Path) -> Run:
     values = {**{k: metrics[k] for k in METRICS if k in metrics},
               "trainable_params": cost["trainable"], "added_params": cost["added"],
               "stored_numbers": cost.get("stored", 0),
-              "train_s": s["learn_s_total"], "eval_s": s["eval_s_total"], "peak_mem_mb": s["peak_mem_mb"]}
+              "train_s": s["learn_s_total"], "eval_s": s["eval_s_total"], **memory_columns(s)}
     values = {k: (np.nan if v is None else float(v)) for k, v in values.items()}
     settings = _settings(path, code_identity(s))
     order = int(settings.get(ORDER_KEY, s.get("order_seed", 1993)))
@@ -258,9 +280,9 @@ def format_cell(mean: float, std: float, key: str) -> str:
         return "-"
     if key.endswith("params") or key == "stored_numbers":
         return f"{mean / 1e6:.3f} M" if mean >= 1e4 else f"{int(mean):,}"
-    text = f"{mean:.2f}" if key not in ("train_s", "eval_s", "peak_mem_mb") else f"{mean:.1f}"
+    text = f"{mean:.2f}" if key not in MB_OR_SECONDS else f"{mean:.1f}"
     if std is not None and not np.isnan(std):
-        text += f" ± {std:.2f}" if key not in ("train_s", "eval_s", "peak_mem_mb") else f" ± {std:.1f}"
+        text += f" ± {std:.2f}" if key not in MB_OR_SECONDS else f" ± {std:.1f}"
     return text
 
 

@@ -11,53 +11,38 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cilbench.backbones.loader import BackboneConfig
 from cilbench.errors import ConfigError, suggest
 
-DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "bf16", "fp16")
-BAD_IMAGES = ("fail", "skip")
+def bounded(default: Any, lo: float | None = None, hi: float | str | None = None) -> Any:
+    """A dataclass field whose value ``build`` checks against [lo, hi] (``hi`` may name another field,
+    e.g. ``top_k <= pool_size``). None values (a preset not yet applied) are not checked."""
+    return dataclasses.field(default=default, metadata={"bounds": (lo, hi)})
 
 
 @dataclass(frozen=True)
 class RunSettings:
     seed: int = 1993
-    order_seed: int | None = None  # class-order seed; unset = the benchmark's (1993, the papers' order)
-    device: str = "cpu"
-    precision: str = "fp32"
-    eval_every: int = 1          # evaluate after every K-th task (the last task always)
-    eval_batch_size: int = 256
-    num_workers: int = 0         # DataLoader workers for ImageFolder data
-    threads: int = 0             # torch CPU threads (0 = torch default)
+    order_seed: int | None = bounded(None, 0)  # class-order seed; unset = the benchmark's (1993, the papers')
+    device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    eval_every: int = bounded(1, 1)          # evaluate after every K-th task (the last task always)
+    eval_batch_size: int = bounded(256, 1)
+    num_workers: int = bounded(0, 0)         # DataLoader workers for ImageFolder data
+    threads: int = bounded(0, 0)             # torch CPU threads (0 = torch default)
     data_root: str = ""
     out_root: str = "results"
-    bad_images: str = "fail"     # an unreadable image file: "fail" naming it, or "skip" it and list it in the run
-    shots: int = 0               # few-shot protocol: N training images per class (0 = all)
+    bad_images: Literal["fail", "skip"] = "fail"   # an unreadable image: "fail" naming it, or "skip" and list it
+    shots: int = bounded(0, 0)               # few-shot protocol: N training images per class (0 = all)
     online: bool | None = None   # online protocol; unset = the benchmark's or the method's default
-    online_batch_size: int = 0   # online stream batch size (0 = the method's batch size)
-    online_iters: int = 1        # online: gradient steps allowed on each streamed batch
-
-    def __post_init__(self):
-        check_choice("run.device", self.device, DEVICES)
-        check_choice("run.precision", self.precision, PRECISIONS)
-        check_choice("run.bad_images", self.bad_images, BAD_IMAGES)
-        check_range("run.eval_every", self.eval_every, 1)
-        check_range("run.eval_batch_size", self.eval_batch_size, 1)
-        check_range("run.num_workers", self.num_workers, 0)
-        check_range("run.threads", self.threads, 0)
-        check_range("run.shots", self.shots, 0)
-        check_range("run.online_batch_size", self.online_batch_size, 0)
-        check_range("run.online_iters", self.online_iters, 1)
-        if self.order_seed is not None and (isinstance(self.order_seed, bool) or not isinstance(self.order_seed, int)
-                                            or self.order_seed < 0):
-            raise ConfigError(f"run.order_seed = {self.order_seed!r} is not allowed", "use a non-negative integer")
-        if self.online not in (None, True, False):
-            raise ConfigError(f"run.online = {self.online!r} is not allowed", "use true or false")
+    online_batch_size: int = bounded(0, 0)   # online stream batch size (0 = the method's batch size)
+    online_iters: int = bounded(1, 1)        # online: gradient steps allowed on each streamed batch
 
 
 # Settings added after 0.1, with the value that reproduces the behaviour before them: a run folder
@@ -68,15 +53,19 @@ ADDED_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def check_choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} = {value!r} is not allowed", f"choose one of {', '.join(map(str, choices))}")
-
-
-def check_range(key: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        raise ConfigError(f"{key} = {value!r} is out of range", f"use a value in {bounds}")
+def check_bounds(cfg: Any, section: str) -> None:
+    """Every ``bounded`` field of dataclass ``cfg`` within its bounds (one line of cause and remedy)."""
+    for f in fields(cfg):
+        if "bounds" not in f.metadata:
+            continue
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        lo, hi = f.metadata["bounds"]
+        hi = getattr(cfg, hi) if isinstance(hi, str) else hi
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise ConfigError(f"{section}.{f.name} = {value!r} is out of range", f"use a value in {bounds}")
 
 
 def load_user_config(path: str | Path | None = None) -> dict[str, Any]:
@@ -124,8 +113,9 @@ def _parse_value(raw: str) -> Any:
         return raw  # bare strings need no quotes on the command line
 
 
-def build(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> Any:
-    """Instantiate dataclass ``cls`` from layered dicts, checking names and types."""
+def build(cls: type, layers: list[tuple[str, dict[str, Any]]], section: str = "method") -> Any:
+    """Instantiate dataclass ``cls`` from layered dicts, checking names, types (``Literal`` choices
+    included) and the ``bounded`` fields' ranges; ``section`` prefixes the keys in messages."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls)]
     values: dict[str, Any] = {}
@@ -135,15 +125,21 @@ def build(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> Any:
                 raise ConfigError(f"unknown key {key!r} in {origin}", suggest(key, names))
             values[key] = _coerce(f"{origin}: {key}", value, hints[key])
     try:
-        return cls(**values)
+        cfg = cls(**values)
     except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"bad value in {cls.__name__}: {e}", "check the values you set") from e
+    check_bounds(cfg, section)
+    return cfg
 
 
 def _coerce(where: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:   # X | None
+        inner = [a for a in args if a is not type(None)]
+        return None if value is None else _coerce(where, value, inner[0] if len(inner) == 1 else Any)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -177,4 +173,4 @@ def as_dict(cfg: Any) -> dict[str, Any]:
 
 def build_backbone_config(default_name: str, user: dict, cli: dict) -> BackboneConfig:
     return build(BackboneConfig, [("benchmark", {"name": default_name}), ("cilbench.toml [backbone]", user),
-                                  ("--set backbone.*", cli)])
+                                  ("--set backbone.*", cli)], "backbone")

@@ -5,12 +5,14 @@ For each task t: ``method.learn(task_t)``; then one pass over the union of the t
 which every metric is derived (``cilbench.metrics``). The test images are scored in a seeded
 shuffled order (``ClassIncrementalData.test_view``), so no batch is drawn from one task and a method
 cannot read the task off its batch-mates. Non-finite logits stop the run. Timings, peak memory and
-parameter counts go into one JSON line per task; the checkpoint is written atomically. A run resumed
+parameter counts (``trainable``: the parameters an optimizer stepped in the task) go into one
+JSON line per task; the checkpoint is written atomically. A run resumed
 from a checkpoint restores the method, the evaluator state and every RNG, so it reproduces the
 uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import resource
 import time
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cilbench.data.stream import ClassIncrementalData
 from cilbench.errors import CilbenchError
@@ -70,25 +73,26 @@ def evaluate(method: Method, data: ClassIncrementalData, splits: list[TaskSplit]
     correct1 = torch.zeros(n_seen, dtype=torch.long)
     correct5 = torch.zeros(n_seen, dtype=torch.long)
     counts = torch.zeros(n_seen, dtype=torch.long)  # images actually scored (skipped files excluded)
-    for batch in data.test_view(n_seen, batch_size):
-        logits = method.predict(batch.to(device)).float().cpu()
-        if logits.shape != (len(batch.labels), n_seen):
-            raise RuntimeError(f"{method.name}.predict returned {tuple(logits.shape)}, "
-                               f"expected ({len(batch.labels)}, {n_seen})")
-        bad = ~torch.isfinite(logits)
-        if bad.any():
-            raise CilbenchError(
-                f"{method.name} produced {int(bad.sum())} non-finite logits on {int(bad.any(1).sum())} of "
-                f"{len(logits)} test images after task {after_task + 1}; a diverged model has no accuracy",
-                "lower the method's learning rate (--set method.lr=...) or use run.precision=fp32; "
-                "the tasks before it are saved, --force starts over")
-        labels = batch.labels.cpu()
-        top = logits.topk(min(5, n_seen), dim=1).indices
-        hit1 = top[:, 0] == labels
-        hit5 = (top == labels[:, None]).any(1)
-        correct1 += torch.bincount(labels[hit1], minlength=n_seen)
-        correct5 += torch.bincount(labels[hit5], minlength=n_seen)
-        counts += torch.bincount(labels, minlength=n_seen)
+    with eval_mode(list(method.modules().values())):
+        for batch in data.test_view(n_seen, batch_size):
+            logits = method.predict(batch.to(device)).float().cpu()
+            if logits.shape != (len(batch.labels), n_seen):
+                raise RuntimeError(f"{method.name}.predict returned {tuple(logits.shape)}, "
+                                   f"expected ({len(batch.labels)}, {n_seen})")
+            bad = ~torch.isfinite(logits)
+            if bad.any():
+                raise CilbenchError(
+                    f"{method.name} produced {int(bad.sum())} non-finite logits on {int(bad.any(1).sum())} of "
+                    f"{len(logits)} test images after task {after_task + 1}; a diverged model has no accuracy",
+                    "lower the method's learning rate (--set method.lr=...) or use run.precision=fp32; "
+                    "the tasks before it are saved, --force starts over")
+            labels = batch.labels.cpu()
+            top = logits.topk(min(5, n_seen), dim=1).indices
+            hit1 = top[:, 0] == labels
+            hit5 = (top == labels[:, None]).any(1)
+            correct1 += torch.bincount(labels[hit1], minlength=n_seen)
+            correct5 += torch.bincount(labels[hit5], minlength=n_seen)
+            counts += torch.bincount(labels, minlength=n_seen)
     per_split = lambda x: np.array([x[s.start:s.stop].sum().item() for s in splits], dtype=float)  # noqa: E731
     return TaskScores(per_split(counts), per_split(correct1), per_split(correct5))
 
@@ -114,19 +118,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def process_peak_rss_mb() -> float:
+    """The process's peak resident memory so far (the whole run, not one task)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@contextlib.contextmanager
+def stepped_parameters():
+    """Collect the ids of the parameters any optimizer steps with a gradient inside the block: the
+    parameters that really were trained, whatever loop or optimizer a method uses."""
+    stepped: set[int] = set()
+
+    def hook(opt, args, kwargs):
+        stepped.update(id(p) for g in opt.param_groups for p in g["params"] if p.grad is not None)
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield stepped
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def eval_mode(modules):
+    """Every module in eval mode (dropout off, batch statistics frozen) for the block, then each back
+    to the mode it had: a method's prediction never depends on the mode it was left in."""
+    modes = [(m, m.training) for root in modules for m in root.modules()]
+    for root in modules:
+        root.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class Evaluator:
     def __init__(self, method: Method, data: ClassIncrementalData, ctx: RunContext, eval_every: int = 1,
-                 eval_batch_size: int = 256, run_dir=None, reporter=None, online: OnlineProtocol = OnlineProtocol()):
+                 eval_batch_size: int = 256, online: OnlineProtocol = OnlineProtocol()):
         self.method, self.data, self.ctx, self.online = method, data, ctx, online
         self.splits = data.splits
         self.eval_every, self.eval_batch_size = eval_every, eval_batch_size
-        self.run_dir, self.reporter = run_dir, reporter
         self.state = EvalState(len(self.splits))
 
     # ---- resume -------------------------------------------------------------------------
@@ -153,12 +185,13 @@ class Evaluator:
 
     def run_task(self, t: int) -> dict:
         split = self.splits[t]
-        task = Task(index=t, n_tasks=len(self.splits), start=split.start, stop=split.stop, data=self.data,
+        task = Task(index=t, n_tasks=len(self.splits), start=split.start, stop=split.stop, data=self.data.training,
                     seed=self.ctx.seed, allow_past_data=self.method.uses_past_data, online=self.online)
         if self.ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.ctx.device)
         t0 = time.perf_counter()
-        self.method.learn(task)
+        with stepped_parameters() as stepped:
+            self.method.learn(task)
         learn_s = time.perf_counter() - t0
         event = {"task": t, "classes": [split.start, split.stop], "learn_s": round(learn_s, 3)}
         if self.should_eval(t):
@@ -178,8 +211,10 @@ class Evaluator:
                          correct5=scores.c5.astype(int).tolist())
         else:
             event.update(eval_s=0.0, acc=None, top5=None, per_task=None)
-        event["peak_mem_mb"] = round(peak_memory_mb(self.ctx.device), 1)
-        event["cost"] = asdict(self.method.cost())
+        if self.ctx.device.type == "cuda":
+            event["peak_cuda_mem_mb"] = round(torch.cuda.max_memory_allocated(self.ctx.device) / 2**20, 1)
+        event["process_peak_rss_mb"] = round(process_peak_rss_mb(), 1)
+        event["cost"] = asdict(self.method.cost(stepped))
         self.state.tasks_done = t + 1
         self.state.learn_s_total += event["learn_s"]
         self.state.eval_s_total += event["eval_s"]

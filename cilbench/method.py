@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -16,7 +17,7 @@ from torch import nn
 
 from cilbench.backbones.vit import ViTBackbone
 from cilbench.data.base import Batch, SampleView, SinglePass, stream_reused
-from cilbench.data.stream import ClassIncrementalData
+from cilbench.data.stream import TrainingData
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,14 @@ class OnlineProtocol:
 
 @dataclass
 class Task:
-    """What ``learn`` gets: the task's classes and a factory for loaders over its training data."""
+    """What ``learn`` gets: the task's classes and a factory for loaders over its training data
+    (``data`` is the stream's training side only: no path leads from a task to a test image)."""
 
     index: int
     n_tasks: int
     start: int  # first remapped label of the task (= classes known before it)
     stop: int
-    data: ClassIncrementalData = field(repr=False)
+    data: TrainingData = field(repr=False)
     seed: int = 0
     allow_past_data: bool = False
     online: OnlineProtocol = OnlineProtocol()  # enabled: one loader, one pass (see ``train_loader``)
@@ -145,15 +147,15 @@ class Method(abc.ABC):
     Config: ClassVar[type]
     online: ClassVar[bool] = False          # runs the online protocol unless run.online says otherwise
     uses_past_data: ClassVar[bool] = False  # reference upper bounds only
-    # Scaled-down hyper-parameters applied on synthetic benchmarks (CPU-sized), below every
-    # benchmark/user/CLI setting; each method documents its own.
-    synthetic_defaults: ClassVar[dict[str, Any]] = {}
     # Boolean Config fields that depart from the suite's protocol (e.g. PILOT's test-batch prompt vote):
     # field -> the tag every table shows beside a run that sets it.
     flagged_settings: ClassVar[dict[str, str]] = {}
     # Config fields added after runs were stored, with the value that reproduces those runs (so old
     # runs are still told apart from new ones in `compare`).
     added_settings: ClassVar[dict[str, Any]] = {}
+    # Config fields that were removed, with the stored value that means what the current code does
+    # (such a run still resumes and groups with new ones).
+    removed_settings: ClassVar[dict[str, Any]] = {}
     takes_gradient_steps: ClassVar[bool] = True   # False: run.online_iters has nothing to act on
     mixed_precision: ClassVar[bool] = True        # autocast in training and prediction under run.precision
 
@@ -162,18 +164,23 @@ class Method(abc.ABC):
         """The tags of ``flagged_settings`` that ``settings`` (a Config as a dict) turns on."""
         return [tag for key, tag in cls.flagged_settings.items() if settings.get(key)]
 
+    streams_online: ClassVar[bool] = False   # True: under --online, one pass whatever its epochs (rwf, samoe)
+
     @classmethod
     def online_passes(cls, cfg: Any) -> int:
         """How many times ``learn`` would read a task's training stream under the online protocol
         (which allows one); by default the method's ``epochs``."""
-        return int(getattr(cfg, "epochs", 1))
+        return 1 if cls.streams_online else int(getattr(cfg, "epochs", 1))
 
     @classmethod
     def protocol_errors(cls, cfg: Any, online: OnlineProtocol, precision: str) -> list[tuple[str, str]]:
         """(cause, remedy) for each protocol setting this method cannot honour with ``cfg``: it is
         refused before the run starts instead of being silently ignored."""
         errors = []
-        if online.enabled and cls.online_passes(cfg) != 1:
+        if online.enabled and cls.uses_past_data:
+            errors.append((f"{cls.name} trains on every seen task's data at once: it has no online variant",
+                           "run it offline (--no-online)"))
+        elif online.enabled and cls.online_passes(cfg) != 1:
             errors.append((f"{cls.name} reads each task's data {cls.online_passes(cfg)} times, but the online "
                            "protocol (--online / run.online) streams it once",
                            "run it offline (--no-online), or lower its epochs (method.epochs, method.tuned_epoch, "
@@ -185,6 +192,10 @@ class Method(abc.ABC):
             errors.append((f"{cls.name} does not run under mixed precision, so run.precision={precision} would "
                            "do nothing", "use run.precision=fp32"))
         return errors
+
+    # Plain attributes (ints, lists, optimizers) saved by the default ``state_dict`` beside the
+    # discovered modules; an object with ``state_dict``/``load_state_dict`` is saved through them.
+    state_attrs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any, ctx: RunContext):
         self.cfg, self.ctx = cfg, ctx
@@ -207,25 +218,103 @@ class Method(abc.ABC):
         """False skips evaluation after this task (the evaluator always evaluates the last task)."""
         return True
 
-    @abc.abstractmethod
-    def state_dict(self) -> dict[str, Any]: ...
-
-    @abc.abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def modules(self) -> list[nn.Module]:
-        """Everything holding parameters; the default is the backbone only."""
-        return [self.backbone] if self.backbone is not None else []
+    # ---- discovered structure: cost columns and state derive from it ---------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module the method holds, found among its attributes (in the order they were set);
+        free ``nn.Parameter`` attributes are gathered in one module named ``params`` (at the place of the
+        first of them)."""
+        found: dict[str, nn.Module | None] = {}
+        free: dict[str, nn.Parameter] = {}
+        for name, value in vars(self).items():
+            if isinstance(value, nn.Parameter):
+                found.setdefault("params", None)   # keeps the place of the first free parameter
+                free[name] = value
+            elif isinstance(value, nn.Module):
+                found[name] = value
+        if free:
+            found["params"] = _FreeParams(free)
+        return found  # type: ignore[return-value]
 
     def stored_tensors(self) -> list[torch.Tensor]:
-        return []
+        """Non-parameter numbers kept for prediction or training: by default the buffers of every
+        module but the backbone (prototypes, statistics)."""
+        seen = {id(b) for b in self.backbone.buffers()} if self.backbone is not None else set()
+        out = {}
+        for m in self.modules().values():
+            for b in m.buffers():
+                if id(b) not in seen:
+                    out[id(b)] = b
+        return list(out.values())
 
-    def cost(self) -> ParamCost:
-        params = {id(p): p for m in self.modules() for p in m.parameters()}
+    def trained(self) -> list[nn.Parameter]:
+        """Every parameter that is not frozen, in the order the method created them."""
+        return [p for m in self.modules().values() for p in m.parameters() if p.requires_grad]
+
+    def cost(self, updated: set[int] = frozenset()) -> ParamCost:
+        """Parameter counts; ``updated`` holds the ids of the parameters an optimizer stepped in the
+        last task (the evaluator collects them: ``trainable``)."""
+        params = {id(p): p for m in self.modules().values() for p in m.parameters()}
         total = sum(p.numel() for p in params.values())
-        trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+        trainable = sum(p.numel() for k, p in params.items() if k in updated)
         stored = sum(t.numel() for t in self.stored_tensors())
         return ParamCost(total, trainable, total - self._backbone_params, stored)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every discovered module's state (the backbone's only while it trains) and ``state_attrs``."""
+        state: dict[str, Any] = {}
+        for name, module in self.modules().items():
+            if module is self.backbone and not any(p.requires_grad for p in module.parameters()):
+                continue
+            state[name] = module.state_dict()
+        for name in self.state_attrs:
+            value = getattr(self, name)
+            state[name] = value.state_dict() if hasattr(value, "state_dict") else copy.deepcopy(value)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The inverse of ``state_dict``: parameters and buffers whose stored shape differs (a head or
+        pool that grew) are resized before loading."""
+        modules = self.modules()
+        for name, module_state in state.items():
+            if name in self.state_attrs:
+                current = getattr(self, name)
+                if hasattr(current, "load_state_dict"):
+                    current.load_state_dict(module_state)
+                else:
+                    setattr(self, name, copy.deepcopy(module_state))
+            elif name in modules:
+                resize_to(modules[name], module_state)
+                modules[name].load_state_dict(module_state)
+            else:
+                raise KeyError(f"{self.name}: the saved state has {name!r}, which this method does not hold")
+        if "params" in state:
+            for key, p in modules["params"].named_parameters():
+                setattr(self, key, p)
+
+
+class _FreeParams(nn.Module):
+    """A method's free parameters as one module (names kept), for counting and state."""
+
+    def __init__(self, params: dict[str, nn.Parameter]):
+        super().__init__()
+        for key, p in params.items():
+            self.register_parameter(key, p)
+
+
+def resize_to(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give each parameter/buffer of ``module`` the shape it has in ``state`` (growing heads, pools)."""
+    for key, value in state.items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if leaf in owner._parameters and owner._parameters[leaf] is not None:
+            current = owner._parameters[leaf]
+            if current.shape != value.shape:
+                owner._parameters[leaf] = nn.Parameter(current.new_empty(value.shape),
+                                                       requires_grad=current.requires_grad)
+        elif leaf in owner._buffers and owner._buffers[leaf] is not None:
+            current = owner._buffers[leaf]
+            if current.shape != value.shape:
+                owner._buffers[leaf] = current.new_empty(value.shape)
 
 
 def count_params(module: nn.Module) -> int:

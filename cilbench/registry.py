@@ -1,12 +1,14 @@
 """Decorator registries for methods and benchmarks (in the spirit of timm's model registry).
 
-The core never imports ``methods`` directly: the first lookup imports the ``methods`` package (whose
-modules register themselves) and any ``cilbench.methods`` entry points, so third-party methods plug
-in the same way as the built-in ones.
+The core never imports a method: the first lookup loads the ``cilbench.methods`` entry points, the
+built-in ones (the ``builtin`` entry point: the ``cilbench.methods`` package, whose modules register
+themselves) and third-party ones alike. In a checkout that is not installed (``PYTHONPATH=.``) there
+is no entry-point metadata, so the built-in package is imported directly.
 """
 from __future__ import annotations
 
 import importlib
+import threading
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Callable, Generic, TypeVar
@@ -29,6 +31,7 @@ class Registry(Generic[T]):
         self._entries: dict[str, Entry[T]] = {}
         self._plugin_loader = plugin_loader
         self._loaded = False
+        self._lock = threading.Lock()   # a second thread must not see a half-loaded registry
 
     def register(self, name: str, obj: T, description: str = "") -> T:
         if name in self._entries and self._entries[name].obj != obj:
@@ -37,9 +40,10 @@ class Registry(Generic[T]):
         return obj
 
     def _ensure_loaded(self) -> None:
-        if not self._loaded:
-            self._loaded = True
-            self._plugin_loader()
+        with self._lock:
+            if not self._loaded:
+                self._plugin_loader()
+                self._loaded = True
 
     def get(self, name: str) -> T:
         return self.entry(name).obj
@@ -60,8 +64,10 @@ class Registry(Generic[T]):
 
 
 def _load_methods() -> None:
-    importlib.import_module("methods")
-    for ep in entry_points(group="cilbench.methods"):
+    found = entry_points(group="cilbench.methods")
+    if "builtin" not in found.names:
+        importlib.import_module("cilbench.methods")
+    for ep in found:
         ep.load()
 
 

@@ -36,8 +36,10 @@ class RunDir:
             return "finished"
         return "unfinished"
 
-    def prepare(self, config: dict[str, Any], force: bool) -> bool:
-        """Create or reopen the folder; returns True when an unfinished run should be resumed."""
+    def prepare(self, config: dict[str, Any], force: bool, removed: dict[str, Any] | None = None) -> bool:
+        """Create or reopen the folder; returns True when an unfinished run should be resumed.
+        ``removed``: method settings that no longer exist, with the stored value that means what the
+        current code does (``Method.removed_settings``)."""
         state = self.status()
         if state == "unfinished":
             self.prune_temporaries()
@@ -57,6 +59,9 @@ class RunDir:
                                 "choose a writable folder with --out or [output] root") from e
         if state == "unfinished" and (self.path / "config.toml").exists():
             old = tomllib.loads((self.path / "config.toml").read_text())
+            kept = {k: v for k, v in old.get("method_config", {}).items()
+                    if k not in (removed or {}) or removed[k] != v}
+            old = {**old, "method_config": kept} if "method_config" in old else old
             if old != _without_added_settings(config, old):
                 raise CilbenchError(f"{self.path} holds an unfinished run with a different configuration",
                                     "resume with the same settings, or pass --force to start over")

@@ -77,7 +77,7 @@ def resolve(req: RunRequest) -> ResolvedRun:
         flags["data_root"] = cli["data"]["root"]
     env = {"data_root": os.environ["CILBENCH_DATA"]} if os.environ.get("CILBENCH_DATA") else {}
     run = C.build(C.RunSettings, [("cilbench.toml", run_layer), ("$CILBENCH_DATA", env),
-                                  ("--set run.*", cli.get("run", {})), ("command line", flags)])
+                                  ("--set run.*", cli.get("run", {})), ("command line", flags)], "run")
     if run.online is None:  # the benchmark's protocol, else the method's own (RwF is an online method)
         run = dataclasses.replace(run, online=bench.online or method_cls.online)
     if run.order_seed is None:
@@ -91,9 +91,7 @@ def resolve(req: RunRequest) -> ResolvedRun:
         if name not in METHODS.names():
             raise ConfigError(f"cilbench.toml: [methods.{name}] names no registered method",
                               suggest(name, METHODS.names()))
-    synthetic = method_cls.synthetic_defaults if bench.dataset.source == "synthetic" else {}
     method_cfg = C.build(method_cls.Config, [
-        (f"{method_cls.name} synthetic defaults", synthetic),
         (f"benchmark {bench.name} [methods.{method_cls.name}]", bench.overrides_for(method_cls.name)),
         (f"cilbench.toml [methods.{method_cls.name}]", user_methods.get(method_cls.name, {})),
         ("--set method.*", cli.get("method", {}))])
@@ -172,7 +170,7 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
     if resume_only and state != "unfinished":
         raise CilbenchError(f"--resume: {rd.path} holds no unfinished run (it is {state})",
                             "drop --resume to start a new run, or check --out and --name")
-    resume = rd.prepare(resolved.as_toml_dict(), force=force)
+    resume = rd.prepare(resolved.as_toml_dict(), force=force, removed=resolved.method_cls.removed_settings)
     device = torch.device(run.device)
     seed_everything(run.seed)
     train, test = load_splits(bench.dataset, Path(run.data_root) if run.data_root else None, run.bad_images)
@@ -190,7 +188,7 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
     info = BenchmarkInfo(bench.name, bench.n_classes, n_tasks, tuple(len(s) for s in bench.splits),
                          bench.dataset.image_size)
     method.setup(backbone, info)
-    ev = Evaluator(method, data, ctx, run.eval_every, run.eval_batch_size, rd, reporter,
+    ev = Evaluator(method, data, ctx, run.eval_every, run.eval_batch_size,
                    OnlineProtocol(run.online, run.online_batch_size, run.online_iters))
     rd.write_json("protocol.json", {
         "benchmark": bench.name, "order_seed": bench.order_seed, "test_shuffle_seed": bench.test_shuffle_seed,
@@ -290,6 +288,13 @@ def _report_skipped(rd: RunDir, splits, reporter: Reporter) -> None:
         reporter.log(f"skipped {len(skipped)} unreadable image(s); list in {rd.path / 'skipped_images.txt'}")
 
 
+def peak_memory(events: list[dict]) -> dict:
+    """The run's largest per-task CUDA peak (CUDA runs only) and the process's peak resident memory
+    (the whole process: on CPU it includes the data and the Python heap)."""
+    peaks = {k: [e[k] for e in events if e.get(k) is not None] for k in ("peak_cuda_mem_mb", "process_peak_rss_mb")}
+    return {k: max(v) if v else None for k, v in peaks.items()}
+
+
 def _write_summaries(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedRun, env: dict, final: bool) -> None:
     s = ev.state
     d = s.tasks_done
@@ -303,7 +308,7 @@ def _write_summaries(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedR
                "metrics": as_json(summarize(record, s.n_tasks)), "metric_definitions": DEFINITIONS,
                "cost": event["cost"],
                "learn_s_total": round(s.learn_s_total, 3), "eval_s_total": round(s.eval_s_total, 3),
-               "peak_mem_mb": event["peak_mem_mb"],
+               **peak_memory(rd.read_events()),
                "code_version": " -> ".join(code_label(c) for c in codes), "code": codes[-1], "code_history": codes,
                "device": env["device"], "threads": env["threads"]}
     rd.write_summary(summary)

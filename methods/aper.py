@@ -33,14 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cilbench.backbones.vit import ViTBackbone
-from cilbench.config import check_range
+from cilbench.config import bounded
 from cilbench.data.base import Batch
 from cilbench.features import FeatureCache
-from cilbench.method import Method, Task
+from cilbench.method import Method, Task, resize_to
 from cilbench.registry import register_method
-from methods.common.classifiers import CosinePrototypes, SigmaCosine, add_task_prototypes
-from methods.common.peft import SSF, AdapterHooks, PromptHooks, patch_size
-from methods.common.training import SGDSchedule, train_epochs
+from cilbench.methods.common.classifiers import CosinePrototypes, SigmaCosine, add_task_prototypes
+from cilbench.methods.common.peft import SSF, AdapterHooks, PromptHooks, patch_size
+from cilbench.engine import Schedule, fit
 
 Variant = Literal["adapter", "ssf", "vpt", "finetune"]
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -56,17 +56,17 @@ SYNTHETIC_SCHEDULE: dict[str, dict[str, Any]] = {"adapter": {"init_lr": 0.2}}   
 class APERConfig:
     variant: Variant = "adapter"
     schedule: Literal["pilot", "synthetic"] = "pilot"   # synthetic: the embedded-ViT schedule (docstring)
-    tuned_epoch: int | None = None        # None = the variant's default under ``schedule``
-    batch_size: int | None = None
-    weight_decay: float | None = None
-    init_lr: float | None = None
+    tuned_epoch: int | None = bounded(None, 0)        # None = the variant's default under ``schedule``
+    batch_size: int | None = bounded(None, 1)
+    weight_decay: float | None = bounded(None, 0.0)
+    init_lr: float | None = bounded(None, 0.0)
     min_lr: float = 0.0
     momentum: float = 0.9
-    ffn_num: int = 64                     # adapter bottleneck
+    ffn_num: int = bounded(64, 1)                     # adapter bottleneck
     adapter_scale: float = 0.1
-    adapter_dropout: float = 0.1
+    adapter_dropout: float = bounded(0.1, 0.0, 1.0)
     vpt_type: Literal["deep", "shallow"] = "deep"
-    prompt_token_num: int = 5
+    prompt_token_num: int = bounded(5, 1)
     dual_branch: bool = True              # prototypes on [pre-trained ; adapted]; False = adapted only
     proto_batch_size: int = 128
 
@@ -76,13 +76,6 @@ class APERConfig:
         for key, value in defaults.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
-        check_range("method.tuned_epoch", self.tuned_epoch, 0)
-        check_range("method.batch_size", self.batch_size, 1)
-        check_range("method.weight_decay", self.weight_decay, 0.0)
-        check_range("method.init_lr", self.init_lr, 0.0)
-        check_range("method.ffn_num", self.ffn_num, 1)
-        check_range("method.prompt_token_num", self.prompt_token_num, 1)
-        check_range("method.adapter_dropout", self.adapter_dropout, 0.0, 1.0)
 
 
 class AdaptedViT(nn.Module):
@@ -134,9 +127,6 @@ class APER(Method):
 
     Config = APERConfig
     mixed_precision = False     # prototypes and prediction run in fp32
-    # PILOT's epochs and batch already fit a CPU on the tiny ViT (synth-10: ~20 s); the adapter's lr does
-    # not fit the tiny ViT (module docstring)
-    synthetic_defaults: ClassVar[dict] = {"schedule": "synthetic"}
     added_settings: ClassVar[dict] = {"schedule": "pilot"}     # runs before the synthetic schedule
 
     @classmethod
@@ -169,8 +159,10 @@ class APER(Method):
         head = SigmaCosine(self.backbone.embed_dim, len(task.classes)).to(self.ctx.device)
         self.adapted.set_trainable(True)
         loss = lambda b: F.cross_entropy(head(self.adapted(b.images)).float(), b.labels - task.start)  # noqa: E731
-        train_epochs(self.adapted.trainable() + list(head.parameters()), task.train_loader(c.batch_size), loss,
-                     SGDSchedule(c.tuned_epoch, c.init_lr, c.momentum, c.weight_decay, c.min_lr), self.ctx)
+        schedule = Schedule(c.tuned_epoch, c.init_lr, "sgd", c.momentum, c.weight_decay, cosine_to=c.min_lr,
+                            step_every="batch")
+        fit(self.adapted.trainable() + list(head.parameters()), task.train_loader(c.batch_size), loss, schedule,
+            self.ctx)
         self.adapted.set_trainable(False)
         self.features.clear()
 
@@ -178,17 +170,13 @@ class APER(Method):
     def predict(self, batch: Batch) -> torch.Tensor:
         return self.head(self.features(batch))
 
-    def modules(self):
-        return [self.backbone, self.adapted, self.head]
-
-    def stored_tensors(self):
-        return [self.head.protos, self.head.counts]
-
     def state_dict(self) -> dict[str, Any]:
-        return {**self.head.state(), "tuned": self.adapted.tuned_state()}
+        """The prototypes and only what training changed (not a copy of the frozen ViT)."""
+        return {"head": self.head.state_dict(), "tuned": self.adapted.tuned_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.head.load(state)
+        resize_to(self.head, state["head"])
+        self.head.load_state_dict(state["head"])
         self.adapted.load_tuned_state(state["tuned"])
         self.adapted.set_trainable(False)
         self.features.clear()

@@ -48,7 +48,6 @@ Where cilbench still differs from the released code, and why:
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -57,58 +56,50 @@ import torch.nn.functional as F
 from torch import nn
 
 from cilbench.backbones.vit import BlockHooks
-from cilbench.config import check_range
+from cilbench.config import bounded
 from cilbench.data.base import Batch
+from cilbench.engine import Schedule, fit
 from cilbench.method import Method, Task
 from cilbench.registry import register_method
-from methods.common.brmoe import BRMoE, BRMoEConfig, entropy
-from methods.common.class_gaussians import ClassGaussians
+from cilbench.methods.common.brmoe import BRMoE, BRMoEConfig, entropy
+from cilbench.methods.common.class_gaussians import ClassGaussians
 
 
 @dataclass(frozen=True)
 class CaREConfig:
-    tuned_epoch: int = 20
-    init_lr: float = 0.01
+    tuned_epoch: int = bounded(20, 0)
+    init_lr: float = bounded(0.01, 0.0)
     min_lr: float = 0.0
-    batch_size: int = 16
+    batch_size: int = bounded(16, 1)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     scale: float = 20.0
     margin: float = 0.0
-    expert_dim: int = 16
-    adapter_dim: int = 64
-    topk_experts: int = 3
-    topk_routers: int = 2
-    dropout: float = 0.1
-    ema_mu: float = 0.999
+    expert_dim: int = bounded(16, 1)
+    adapter_dim: int = bounded(64, 1)
+    topk_experts: int = bounded(3, 1)
+    topk_routers: int = bounded(2, 1)
+    dropout: float = bounded(0.1, 0.0, 1.0)
+    ema_mu: float = bounded(0.999, 0.0, 1.0)
     aux_cos_loss: bool = True
     self_dist_loss: bool = True
     aux_weight: float = 1.0
     aux_tau: Literal["released", "half"] = "released"     # distillation temperature per block (docstring)
-    crct_epochs: int = 3
+    crct_epochs: int = bounded(3, 0)
     ca_lr: float = 0.005
     ca_stats: Literal["covariance", "variance", "lowrank", "shared"] = "covariance"
-    ca_rank: int = 32                  # lowrank: principal directions kept per class
+    ca_rank: int = bounded(32, 1)                  # lowrank: principal directions kept per class
     ca_dtype: Literal["float32", "float16"] = "float32"   # storage of the covariance factors
-    ca_samples_per_class: int = 0      # 0 = 5 * batch_size (released)
+    ca_samples_per_class: int = bounded(0, 0)      # 0 = 5 * batch_size (released)
     ca_order: Literal["class-major", "class-minor"] = "class-major"   # pseudo-feature stacking (released: major)
     decay: bool = True
     decay_fix: bool = False
     expert_init: Literal["released", "all"] = "released"
     entropy_norm: bool = False
     iter_pred: bool = True
-    max_iter_pred_task: int = 60
-    amp: bool = False                  # autocast on CUDA (fp16, or bf16 with run.precision=bf16)
+    max_iter_pred_task: int = bounded(60, 0)
     dispatch: Literal["sparse", "dense"] = "sparse"   # dense = the released all-experts reference path
 
-    def __post_init__(self):
-        for key in ("tuned_epoch", "crct_epochs", "ca_samples_per_class", "max_iter_pred_task"):
-            check_range(f"method.{key}", getattr(self, key), 0)
-        for key in ("batch_size", "expert_dim", "adapter_dim", "topk_experts", "topk_routers", "ca_rank"):
-            check_range(f"method.{key}", getattr(self, key), 1)
-        check_range("method.init_lr", self.init_lr, 0.0)
-        check_range("method.ema_mu", self.ema_mu, 0.0, 1.0)
-        check_range("method.dropout", self.dropout, 0.0, 1.0)
 
     def brmoe(self) -> BRMoEConfig:
         return BRMoEConfig(self.expert_dim, self.adapter_dim, self.topk_experts, self.topk_routers, self.dropout,
@@ -157,18 +148,14 @@ def cosine(feats: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class CaREHooks(BlockHooks):
-    """Runs each block's BR-MoE beside its MLP and collects the current perceptron's logits."""
+    """Runs each block's BR-MoE beside its MLP for one forward (``task``: the routed task, None = task
+    agnostic); each block's current-perceptron logits come back as a side output."""
 
-    def __init__(self, moes: nn.ModuleList):
-        self.moes = moes
-        self.task: int | None = None
-        self.latents: list[torch.Tensor] = []
+    def __init__(self, moes: nn.ModuleList, task: int | None):
+        self.moes, self.task = moes, task
 
-    def parallel(self, i: int, z_a: torch.Tensor) -> torch.Tensor:
-        out, latent = self.moes[i](z_a, self.task)
-        if latent is not None:
-            self.latents.append(latent)
-        return out
+    def parallel(self, i: int, z_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.moes[i](z_a, self.task)
 
 
 def cosface(cos: torch.Tensor, y: torch.Tensor, s: float, m: float) -> torch.Tensor:
@@ -209,27 +196,20 @@ class CaRE(Method):
 
     Config = CaREConfig
     added_settings: ClassVar[dict] = {"aux_tau": "half", "ca_order": "class-minor"}  # cilbench <= 0.1
+    # method.amp merged into run.precision: amp=false is today's fp32; the released fp16 training is
+    # run.precision=fp16 (autocast + GradScaler, through the engine)
+    removed_settings: ClassVar[dict] = {"amp": False}
+    state_attrs: ClassVar[tuple] = ("task_sizes", "local_sizes", "gaussians")
 
     @classmethod
     def online_passes(cls, cfg) -> int:
         return cfg.tuned_epoch + 1  # training stages, then the class-statistics pass
-
-    @classmethod
-    def protocol_errors(cls, cfg, online, precision):
-        errors = [e for e in super().protocol_errors(cfg, online, precision)]
-        if precision != "fp32" and not cfg.amp:
-            errors.append((f"care autocasts only with method.amp=true, so run.precision={precision} alone "
-                           "would do nothing", "add --set method.amp=true, or use run.precision=fp32"))
-        return errors
-    # CPU-sized schedule for the synthetic benchmarks (documented in the README).
-    synthetic_defaults: ClassVar[dict] = {"tuned_epoch": 6, "init_lr": 0.02, "batch_size": 32, "crct_epochs": 5}
 
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
         self.backbone.requires_grad_(False)
         dev = self.ctx.device
         self.moes = nn.ModuleList([BRMoE(backbone.embed_dim, self.cfg.brmoe()) for _ in range(backbone.depth)]).to(dev)
-        self.hooks = CaREHooks(self.moes)
         self.fc = CosineHeads(backbone.embed_dim).to(dev)
         self.task_sizes: list[int] = []        # classes each task introduced (its head's rows)
         self.local_sizes: list[int] = []       # classes in each task's data (its perceptrons' outputs)
@@ -250,13 +230,11 @@ class CaRE(Method):
         self.local_sizes.append(n_local)
 
     def features(self, images: torch.Tensor, task: int | None) -> torch.Tensor:
-        self.hooks.task, self.hooks.latents = task, []
-        return self.backbone(images, self.hooks)
+        return self.backbone(images, CaREHooks(self.moes, task))
 
-    def _amp(self):
-        if not (self.cfg.amp and self.ctx.device.type == "cuda"):
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16 if self.ctx.precision == "bf16" else torch.float16)
+    def features_and_latents(self, images: torch.Tensor, task: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The feature and each block's current-perceptron logits (the auxiliary loss's inputs)."""
+        return self.backbone.forward_with_sides(images, CaREHooks(self.moes, task))
 
     def set_train(self, mode: bool) -> None:
         self.backbone.train(mode)
@@ -282,10 +260,9 @@ class CaRE(Method):
 
     def loss(self, batch: Batch, task: Task) -> torch.Tensor:
         c = self.cfg
-        feats = self.features(batch.images, task.index)
+        feats, latents = self.features_and_latents(batch.images, task.index)
         cur, y = task_columns(self.fc(feats), batch.labels, task)
         main = cosface(cur, y, c.scale, c.margin)
-        latents = self.hooks.latents
         taus = aux_temperatures(len(latents), c.aux_tau)
         teacher = cur.detach().float()
         aux = []
@@ -308,26 +285,9 @@ class CaRE(Method):
             for moe in self.moes:
                 moe.snapshot_shared()
         adapter_params = [p for p in self.moes.parameters() if p.requires_grad]
-        opt = torch.optim.SGD([{"params": adapter_params}, {"params": list(self.fc.parameters())}],
-                              lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=lr_end)
-        scaler = torch.amp.GradScaler("cuda", enabled=c.amp and self.ctx.device.type == "cuda"
-                                      and self.ctx.precision != "bf16")
-        loader = task.train_loader(c.batch_size)
-        for epoch in range(epochs):
-            total, seen = 0.0, 0
-            for batch in loader:
-                batch = batch.to(self.ctx.device)
-                with self._amp():
-                    loss = self.loss(batch, task)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                total += loss.item() * len(batch.labels)
-                seen += len(batch.labels)
-            sched.step()
-            self.ctx.reporter.epoch(epoch + 1, epochs, total / max(1, seen))
+        schedule = Schedule(epochs, lr, "sgd", c.momentum, c.weight_decay, cosine_to=lr_end, step_every="epoch")
+        fit([{"params": adapter_params}, {"params": list(self.fc.parameters())}], task.train_loader(c.batch_size),
+            lambda b: self.loss(b, task), schedule, self.ctx)
         self.set_train(False)
 
     @torch.no_grad()
@@ -353,7 +313,6 @@ class CaRE(Method):
         """Classifier alignment on pseudo-features sampled from the per-class Gaussians."""
         c = self.cfg
         self.set_train(False)
-        n_seen = task.stop
         per_class = c.ca_samples_per_class or 5 * c.batch_size
         mu = self._sampling_means(task).float()
         # SGD over all heads (released) on one flat copy: the same element-wise update, without
@@ -380,9 +339,8 @@ class CaRE(Method):
     # ---- prediction -----------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
-        self.set_train(False)
         s = self.cfg.scale
-        with self._amp():
+        with self.ctx.autocast():
             single = s * self.fc(self.features(batch.images, None))
             t = self.cur_task
             if not (self.cfg.iter_pred and 1 <= t <= self.cfg.max_iter_pred_task):
@@ -400,21 +358,12 @@ class CaRE(Method):
             return best.softmax(1) + single.softmax(1)
 
     # ---- bookkeeping ----------------------------------------------------------------------
-    def modules(self):
-        return [self.backbone, self.moes, self.fc]
-
     def stored_tensors(self):
         return self.gaussians.tensors()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"task_sizes": list(self.task_sizes), "local_sizes": list(self.local_sizes), "moes": self.moes.state_dict(), "fc": self.fc.state_dict(),
-                "gaussians": self.gaussians.state_dict()}
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Add the saved tasks' triplets and heads first, so every tensor has its saved shape."""
         done = len(self.task_sizes)
-        local = state.get("local_sizes", state["task_sizes"])       # runs from before overlap support
-        for n_new, n_local in zip(state["task_sizes"][done:], local[done:]):
+        for n_new, n_local in zip(state["task_sizes"][done:], state["local_sizes"][done:]):
             self.add_task(n_new, n_local)
-        self.moes.load_state_dict(state["moes"])
-        self.fc.load_state_dict(state["fc"])
-        self.gaussians.load_state_dict(state["gaussians"])
+        super().load_state_dict(state)

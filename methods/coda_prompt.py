@@ -17,43 +17,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cilbench.config import check_range
+from cilbench.config import bounded
 from cilbench.data.base import Batch
+from cilbench.engine import Schedule
 from cilbench.errors import ConfigError
-from cilbench.features import FeatureCache
-from cilbench.method import Method, Task
+from cilbench.method import Task
+from cilbench.methods.common.losses import current_task_ce
+from cilbench.methods.common.prompts import PrefixHooks, PromptMethod
 from cilbench.registry import register_method
-from methods.common.classifiers import GrowingLinear
-from methods.common.training import adam_epochs, current_task_ce
-from methods.dualprompt import PrefixHooks
 
 
 @dataclass(frozen=True)
 class CODAPromptConfig:
-    pool_size: int = 100
-    length: int = 8
+    pool_size: int = bounded(100, 1)
+    length: int = bounded(8, 2)
     layers: tuple[int, ...] = (0, 1, 2, 3, 4)
-    ortho_mu: float = 0.0
-    lr: float = 0.001
+    ortho_mu: float = bounded(0.0, 0.0)
+    lr: float = bounded(0.001, 0.0)
     min_lr: float = 1e-5
-    batch_size: int = 128
-    epochs: int = 20
+    batch_size: int = bounded(128, 1)
+    epochs: int = bounded(20, 0)
 
     def __post_init__(self):
-        check_range("method.pool_size", self.pool_size, 1)
-        check_range("method.length", self.length, 2)
         if self.length % 2:
             raise ConfigError(f"method.length = {self.length} is odd", "use an even length (half keys, half values)")
-        check_range("method.ortho_mu", self.ortho_mu, 0.0)
-        check_range("method.lr", self.lr, 0.0)
-        check_range("method.batch_size", self.batch_size, 1)
-        check_range("method.epochs", self.epochs, 0)
 
 
 @torch.no_grad()
@@ -69,29 +62,23 @@ def orthonormal_rows(existing: torch.Tensor, n_new: int) -> torch.Tensor:
 
 
 @register_method("coda-prompt")
-class CODAPrompt(Method):
+class CODAPrompt(PromptMethod):
     """CODA-Prompt: attention-weighted prompt components as attention prefixes of a frozen ViT."""
 
     Config = CODAPromptConfig
-    # tiny ViT: 4 blocks; 20 epochs of batch 128 is already CPU-sized, so only the layers change
-    synthetic_defaults: ClassVar[dict] = {"layers": (0, 1, 2, 3)}
+    state_attrs: ClassVar[tuple] = ("n_learned",)
 
-    def setup(self, backbone, info) -> None:
-        super().setup(backbone, info)
+    def build(self, backbone, info) -> None:
         c, d = self.cfg, backbone.embed_dim
         bad = [i for i in c.layers if not 0 <= i < backbone.depth]
         if bad:
             raise ConfigError(f"prompt layers {bad} do not exist in a {backbone.depth}-block ViT",
                               f"use blocks 0..{backbone.depth - 1} in method.layers")
-        self.backbone.eval().requires_grad_(False)
         self.per_task = max(1, c.pool_size // info.n_tasks)
         m, n_l, dev = self.per_task * info.n_tasks, len(c.layers), self.ctx.device
         self.P = nn.Parameter(torch.zeros(n_l, m, c.length, d, device=dev))
         self.K = nn.Parameter(torch.zeros(n_l, m, d, device=dev))
         self.A = nn.Parameter(torch.zeros(n_l, m, d, device=dev))
-        self.head = GrowingLinear(d).to(dev)
-        self.hooks = PrefixHooks()
-        self.queries = FeatureCache(self.backbone)
         self.n_learned = 0  # components of finished tasks
 
     def _init_components(self, start: int, stop: int) -> None:
@@ -117,17 +104,16 @@ class CODAPrompt(Method):
         den = torch.einsum("bd,lmd->lbm", query.square(), A.square()).clamp_min(1e-24).sqrt()
         return num / den
 
-    def forward(self, batch: Batch, training: bool) -> torch.Tensor:
-        P, K, A = self.components(training)
+    def forward(self, batch: Batch, task: Task | None):
+        P, K, A = self.components(task is not None)
         prompts = torch.einsum("lbm,lmtd->lbtd", self.weights(self.queries(batch), K, A), P)  # (n_l, B, L, d)
         half = self.cfg.length // 2
-        self.hooks.prefixes = {i: torch.stack([prompts[j, :, :half], prompts[j, :, half:]], 1)
-                               for j, i in enumerate(self.cfg.layers)}
-        try:
-            feats = self.backbone(batch.images, self.hooks)
-        finally:
-            self.hooks.prefixes = {}
-        return self.head(feats)
+        hooks = PrefixHooks({i: torch.stack([prompts[j, :, :half], prompts[j, :, half:]], 1)
+                             for j, i in enumerate(self.cfg.layers)})
+        penalty = None  # subtracted: minus the orthogonality penalty adds it
+        if task is not None and self.cfg.ortho_mu > 0:
+            penalty = -(self.cfg.ortho_mu * self.ortho_penalty())
+        return self.head(self.backbone(batch.images, hooks)), penalty
 
     def ortho_penalty(self) -> torch.Tensor:
         stop = self.n_learned + self.per_task
@@ -138,36 +124,16 @@ class CODAPrompt(Method):
             total = total + (gram - torch.eye(stop, device=gram.device)).square().mean()
         return total
 
-    def loss(self, batch: Batch, task: Task) -> torch.Tensor:
-        loss = current_task_ce(self.forward(batch, training=True), batch.labels, task)
-        if self.cfg.ortho_mu > 0:
-            loss = loss + self.cfg.ortho_mu * self.ortho_penalty()
-        return loss
+    def task_loss(self, logits, labels, task) -> torch.Tensor:
+        return current_task_ce(logits, labels, task)   # always masked
 
-    def learn(self, task: Task) -> None:
+    def schedule(self) -> Schedule:
+        """Adam with a per-epoch cosine to ``min_lr`` (PILOT's coda_prompt)."""
         c = self.cfg
-        self.head.grow(task.total)
+        return Schedule(c.epochs, c.lr, "adam", cosine_to=c.min_lr, step_every="epoch")
+
+    def before_task(self, task: Task) -> None:
         self._init_components(self.n_learned, self.n_learned + self.per_task)
-        adam_epochs([self.P, self.K, self.A, self.head.weight, self.head.bias], task.train_loader(c.batch_size),
-                    lambda b: self.loss(b, task), c.epochs, c.lr, self.ctx, cosine_min_lr=c.min_lr)
+
+    def after_task(self, task: Task) -> None:
         self.n_learned += self.per_task
-
-    @torch.no_grad()
-    def predict(self, batch: Batch) -> torch.Tensor:
-        with self.ctx.autocast():
-            return self.forward(batch, training=False).float()
-
-    def modules(self):
-        return [self.backbone, nn.ParameterList([self.P, self.K, self.A]), self.head]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"P": self.P.detach().cpu(), "K": self.K.detach().cpu(), "A": self.A.detach().cpu(),
-                "n_learned": self.n_learned, "head": self.head.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for name in ("P", "K", "A"):
-                getattr(self, name).copy_(state[name])
-        self.n_learned = state["n_learned"]
-        self.head.grow(state["head"]["weight"].shape[0])
-        self.head.load_state_dict(state["head"])

@@ -3,11 +3,10 @@ with cross-entropy over all classes seen so far and no protection against forget
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from cilbench.method import Task
 from cilbench.registry import register_method
-from methods.common.full_model import FullModelMethod, SGDConfig
+from cilbench.methods.common.full_model import FullModelMethod, SGDConfig
 
 
 @dataclass(frozen=True)
@@ -20,7 +19,6 @@ class Finetune(FullModelMethod):
     """Lower bound: sequential fine-tuning of backbone + head, no protection."""
 
     Config = FinetuneConfig
-    synthetic_defaults: ClassVar[dict] = {"epochs": 5, "batch_size": 64}
 
     def learn(self, task: Task) -> None:
         self.head.grow(task.total)

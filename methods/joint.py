@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 from cilbench.method import Task
 from cilbench.registry import register_method
-from methods.common.classifiers import GrowingLinear
-from methods.common.full_model import FullModelMethod, SGDConfig
+from cilbench.methods.common.classifiers import GrowingLinear
+from cilbench.methods.common.full_model import FullModelMethod, SGDConfig
 
 
 @dataclass(frozen=True)
@@ -28,17 +28,6 @@ class Joint(FullModelMethod):
 
     Config = JointConfig
     uses_past_data = True
-
-    @classmethod
-    def protocol_errors(cls, cfg, online, precision):
-        errors = super().protocol_errors(cfg, online, precision)
-        if online.enabled:  # replaces the generic "reads the data k times"
-            errors = [e for e in errors if "online protocol" not in e[0]]
-            errors.insert(0, ("joint trains on every seen task's data at once, for many epochs: it has no "
-                              "online variant (a '+online' row would be an offline upper bound)",
-                              "run it offline (--no-online)"))
-        return errors
-    synthetic_defaults: ClassVar[dict] = {"epochs": 10, "batch_size": 64}
 
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)

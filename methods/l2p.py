@@ -35,16 +35,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import torch
 
-from cilbench.config import check_range
+from cilbench.config import bounded
 from cilbench.data.base import Batch
-from cilbench.features import FeatureCache
-from cilbench.method import Method, Task
+from cilbench.method import Task
+from cilbench.methods.common.prompts import PromptMethod, PromptPool, prompted_tokens
 from cilbench.registry import register_method
-from methods.common.classifiers import GrowingLinear
-from methods.common.prompts import PromptPool, prompted_tokens
-from methods.common.training import adam_epochs, cross_entropy, current_task_ce
 
 EARLIER = dict(head_init="linear", vote_ties="lowest")   # the recipe before the pilot preset had these two
 PRESETS: dict[str, dict[str, Any]] = {
@@ -62,16 +58,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclass(frozen=True)
 class L2PConfig:
     preset: Literal["paper", "official", "pytorch-port", "pilot"] = "pilot"
-    pool_size: int | None = None          # None = the preset's value (table in the module docstring)
-    prompt_length: int | None = None
-    top_k: int | None = None
-    pull_coeff: float | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    clip_grad: float | None = None        # 0 = no clipping
+    pool_size: int | None = bounded(None, 1)          # None = the preset's value (table in the module docstring)
+    prompt_length: int | None = bounded(None, 1)
+    top_k: int | None = bounded(None, 1, "pool_size")
+    pull_coeff: float | None = bounded(None, 0.0)
+    lr: float | None = bounded(None, 0.0)
+    batch_size: int | None = bounded(None, 1)
+    clip_grad: float | None = bounded(None, 0.0)        # 0 = no clipping
     head_init: Literal["linear", "trunc_normal"] | None = None   # new head rows (GrowingLinear)
     vote_ties: Literal["lowest", "pilot"] | None = None          # tie-break of the batch vote
-    epochs: int = 5
+    epochs: int = bounded(5, 0)
     batchwise_prompt: bool = True         # majority vote over the training batch
     test_batch_vote: bool = False         # PILOT's vote over the *test* batch (leaks the task; tagged)
     train_mask: bool = True
@@ -80,66 +76,24 @@ class L2PConfig:
         for key, value in PRESETS[self.preset].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
-        check_range("method.pool_size", self.pool_size, 1)
-        check_range("method.prompt_length", self.prompt_length, 1)
-        check_range("method.top_k", self.top_k, 1, self.pool_size)
-        check_range("method.pull_coeff", self.pull_coeff, 0.0)
-        check_range("method.lr", self.lr, 0.0)
-        check_range("method.batch_size", self.batch_size, 1)
-        check_range("method.clip_grad", self.clip_grad, 0.0)
-        check_range("method.epochs", self.epochs, 0)
 
 
 @register_method("l2p")
-class L2P(Method):
+class L2P(PromptMethod):
     """L2P: a frozen ViT instructed by prompts picked from a key-query pool."""
 
     Config = L2PConfig
-    synthetic_defaults: ClassVar[dict] = {}
     flagged_settings: ClassVar[dict] = {"test_batch_vote": "test-batch vote"}
     # runs made before these settings: voted at test time, nn.Linear head rows, lowest-id vote ties
     added_settings: ClassVar[dict] = {"test_batch_vote": True, **EARLIER}
 
-    def setup(self, backbone, info) -> None:
-        super().setup(backbone, info)
-        self.backbone.eval().requires_grad_(False)
-        c, d = self.cfg, backbone.embed_dim
-        self.pool = PromptPool(c.pool_size, c.prompt_length, d, c.top_k).to(self.ctx.device)
-        self.head = GrowingLinear(d, c.head_init).to(self.ctx.device)
-        self.queries = FeatureCache(self.backbone)
+    def build(self, backbone, info) -> None:
+        c = self.cfg
+        self.pool = PromptPool(c.pool_size, c.prompt_length, backbone.embed_dim, c.top_k).to(self.ctx.device)
 
-    def forward(self, batch: Batch, training: bool):
-        """(logits over the head's classes, selection) for a batch."""
-        vote = self.cfg.batchwise_prompt if training else self.cfg.test_batch_vote
+    def forward(self, batch: Batch, task: Task | None):
+        vote = self.cfg.batchwise_prompt if task is not None else self.cfg.test_batch_vote
         sel = self.pool.select(self.queries(batch), vote, self.cfg.vote_ties)
         feats = prompted_tokens(self.backbone, batch.images, sel.prompts).mean(1)
-        return self.head(feats), sel
-
-    def loss(self, batch: Batch, task: Task) -> torch.Tensor:
-        logits, sel = self.forward(batch, training=True)
-        y = batch.labels
-        ce = current_task_ce(logits, y, task) if self.cfg.train_mask else cross_entropy(logits, y)
-        return ce - self.cfg.pull_coeff * sel.sim.sum() / len(y)
-
-    def learn(self, task: Task) -> None:
-        c = self.cfg
-        self.head.grow(task.total)
-        params = [self.pool.prompts, self.pool.keys, self.head.weight, self.head.bias]
-        adam_epochs(params, task.train_loader(c.batch_size), lambda b: self.loss(b, task), c.epochs, c.lr,
-                    self.ctx, c.clip_grad)
-
-    @torch.no_grad()
-    def predict(self, batch: Batch) -> torch.Tensor:
-        with self.ctx.autocast():
-            return self.forward(batch, training=False)[0].float()
-
-    def modules(self):
-        return [self.backbone, self.pool, self.head]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pool": self.pool.state_dict(), "head": self.head.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pool.load_state_dict(state["pool"])
-        self.head.grow(state["head"]["weight"].shape[0])
-        self.head.load_state_dict(state["head"])
+        pull = self.cfg.pull_coeff * sel.sim.sum() / len(sel.sim) if task is not None else None
+        return self.head(feats), pull

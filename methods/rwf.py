@@ -28,45 +28,34 @@ Cost per image is constant in the number of tasks: k·L extra tokens and k small
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cilbench.backbones.vit import BlockHooks
-from cilbench.config import check_range
+from cilbench.config import bounded
 from cilbench.data.base import Batch
+from cilbench.engine import Schedule, fit
 from cilbench.errors import ConfigError
 from cilbench.method import Method, Task
 from cilbench.registry import register_method
-from methods.common.classifiers import SigmaCosine
-from methods.common.hopfield import HopfieldPrompts
+from cilbench.methods.common.classifiers import SigmaCosine
+from cilbench.methods.common.hopfield import HopfieldPrompts
 
 
 @dataclass(frozen=True)
 class RwFConfig:
-    blocks: int = 5                       # A2: Hopfield layers in blocks 0..blocks-1
-    prompt_length: int = 10               # A3
-    beta: float = 0.0                     # 0 = 1/sqrt(d)
-    train_proj: tuple[str, ...] = ("q", "o")  # A5: of q, k, v, o
+    blocks: int = bounded(5, 1)                       # A2: Hopfield layers in blocks 0..blocks-1
+    prompt_length: int = bounded(10, 1)               # A3
+    beta: float = bounded(0.0, 0.0)                     # 0 = 1/sqrt(d)
+    train_proj: tuple[Literal["q", "k", "v", "o"], ...] = ("q", "o")  # A5: the projections that learn
     classifier: Literal["linear", "cosine"] = "linear"
     loss_mask: Literal["seen", "batch"] = "seen"  # A6: CE over seen classes, or over the batch's classes
-    lr: float = 0.001                     # A9
-    batch_size: int = 16                  # stream batch unless run.online_batch_size is set
-    epochs: int = 1                       # offline variant only
-
-    def __post_init__(self):
-        check_range("method.blocks", self.blocks, 1)
-        check_range("method.prompt_length", self.prompt_length, 1)
-        check_range("method.beta", self.beta, 0.0)
-        check_range("method.lr", self.lr, 0.0)
-        check_range("method.batch_size", self.batch_size, 1)
-        check_range("method.epochs", self.epochs, 1)
-        bad = set(self.train_proj) - set(HopfieldPrompts.PROJECTIONS)
-        if bad:
-            raise ConfigError(f"method.train_proj has unknown projections {sorted(bad)}",
-                              f"choose from {list(HopfieldPrompts.PROJECTIONS)}")
+    lr: float = bounded(0.001, 0.0)                     # A9
+    batch_size: int = bounded(16, 1)                  # stream batch unless run.online_batch_size is set
+    epochs: int = bounded(1, 1)                       # offline variant only
 
 
 class HopfieldHooks(BlockHooks, nn.Module):
@@ -95,12 +84,10 @@ class RwF(Method):
 
     Config = RwFConfig
     online: ClassVar[bool] = True
-    synthetic_defaults: ClassVar[dict] = {"blocks": 3}  # the tiny ViT has 4 blocks
+    state_attrs: ClassVar[tuple] = ("opt", "n_seen")
     label: ClassVar[str] = "RwF-style (re-implementation)"
 
-    @classmethod
-    def online_passes(cls, cfg) -> int:
-        return 1  # online: one pass with run.online_iters steps per batch (epochs applies offline only)
+    streams_online: ClassVar[bool] = True   # one pass with run.online_iters steps per batch (epochs: offline)
 
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
@@ -114,10 +101,11 @@ class RwF(Method):
         self.head = (SigmaCosine(d, info.n_classes) if c.classifier == "cosine"
                      else nn.Linear(d, info.n_classes)).to(self.ctx.device)
         self.n_seen = 0
-        self.opt = torch.optim.Adam(self.trainable(), lr=c.lr)
+        self.opt = self.schedule().optimizer_for(self.trained())   # one optimizer for the whole stream
 
-    def trainable(self) -> list[nn.Parameter]:
-        return [p for m in (self.hooks, self.head) for p in m.parameters() if p.requires_grad]
+    def schedule(self) -> Schedule:
+        """A9: Adam, constant lr."""
+        return Schedule(self.cfg.epochs, self.cfg.lr, "adam")
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Logits over the classes seen so far (A6: later classes are masked out)."""
@@ -125,23 +113,9 @@ class RwF(Method):
 
     def learn(self, task: Task) -> None:
         self.n_seen = task.total
-        loader = task.train_loader(self.cfg.batch_size)
-        steps = task.online.iters if task.online.enabled else 1
-        passes = 1 if task.online.enabled else self.cfg.epochs
         self.hooks.train()
-        for epoch in range(passes):
-            total, seen = 0.0, 0
-            for batch in loader:
-                batch = batch.to(self.ctx.device)
-                for _ in range(steps):
-                    with self.ctx.autocast():
-                        loss = self.loss(self.logits(batch.images).float(), batch.labels)
-                    self.opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.opt.step()
-                total += loss.item() * len(batch.labels)
-                seen += len(batch.labels)
-            self.ctx.reporter.epoch(epoch + 1, passes, total / max(1, seen))
+        fit(self.trained(), task.train_loader(self.cfg.batch_size),
+            lambda b: self.loss(self.logits(b.images).float(), b.labels), self.schedule(), self.ctx, optimizer=self.opt)
         self.hooks.eval()
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -155,16 +129,3 @@ class RwF(Method):
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.ctx.autocast():
             return self.logits(batch.images).float()
-
-    def modules(self):
-        return [self.backbone, self.hooks, self.head]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"hooks": self.hooks.state_dict(), "head": self.head.state_dict(), "opt": self.opt.state_dict(),
-                "n_seen": self.n_seen}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.hooks.load_state_dict(state["hooks"])
-        self.head.load_state_dict(state["head"])
-        self.opt.load_state_dict(state["opt"])
-        self.n_seen = state["n_seen"]

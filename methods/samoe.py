@@ -29,63 +29,48 @@ Cost per image: one query pass plus one prompted pass, whatever the pool size (l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 
-from cilbench.config import check_range
+from cilbench.config import bounded
 from cilbench.data.base import Batch
-from cilbench.features import FeatureCache
-from cilbench.method import Method, Task
+from cilbench.engine import fit
+from cilbench.method import Task
+from cilbench.methods.common.global_pool import GlobalPromptPool, farthest_queries
+from cilbench.methods.common.prompts import PromptMethod, prompted_tokens
 from cilbench.registry import register_method
-from methods.common.classifiers import GrowingLinear
-from methods.common.global_pool import GlobalPromptPool, Mixture, farthest_queries
-from methods.common.prompts import prompted_tokens
-from methods.common.training import cross_entropy, current_task_ce
 
 
 @dataclass(frozen=True)
 class SAMoEConfig:
-    prompts_per_task: int = 2          # S2
-    prompt_length: int = 5
+    prompts_per_task: int = bounded(2, 1)          # S2
+    prompt_length: int = bounded(5, 1)
     key_init: Literal["farthest", "uniform"] = "farthest"
-    top_k: int = 3                     # S3
-    temperature: float = 0.1
-    tau: float = 0.5                   # S4: in-distribution if max cos(q, old keys) >= tau
+    top_k: int = bounded(3, 1)                     # S3
+    temperature: float = bounded(0.1, 1e-06)
+    tau: float = bounded(0.5, -1.0, 1.0)                   # S4: in-distribution if max cos(q, old keys) >= tau
     train_mask: Literal["task", "seen"] = "task"   # S5
-    pull_coeff: float = 0.1
-    lr: float = 0.001875               # S6
-    batch_size: int = 16
-    epochs: int = 5
-    clip_grad: float = 1.0
+    pull_coeff: float = bounded(0.1, 0.0)
+    lr: float = bounded(0.001875, 0.0)               # S6
+    batch_size: int = bounded(16, 1)
+    epochs: int = bounded(5, 1)
+    clip_grad: float = bounded(1.0, 0.0)
 
-    def __post_init__(self):
-        for key in ("prompts_per_task", "prompt_length", "top_k", "batch_size", "epochs"):
-            check_range(f"method.{key}", getattr(self, key), 1)
-        check_range("method.temperature", self.temperature, 1e-6)
-        check_range("method.tau", self.tau, -1.0, 1.0)
-        for key in ("pull_coeff", "lr", "clip_grad"):
-            check_range(f"method.{key}", getattr(self, key), 0.0)
 
 
 @register_method("samoe")
-class SAMoE(Method):
+class SAMoE(PromptMethod):
     """Similarity-aware MoE: a growing global prompt pool with soft routing and per-sample masking."""
 
     Config = SAMoEConfig
     label: ClassVar[str] = "similarity-aware MoE (re-implementation)"
+    state_attrs: ClassVar[tuple] = ("n_old", "id_share")
 
-    @classmethod
-    def online_passes(cls, cfg) -> int:
-        return 1  # online: one pass with run.online_iters steps per batch (epochs applies offline only)
+    streams_online: ClassVar[bool] = True   # one pass with run.online_iters steps per batch (epochs: offline)
 
-    def setup(self, backbone, info) -> None:
-        super().setup(backbone, info)
-        self.backbone.eval().requires_grad_(False)
-        d = backbone.embed_dim
-        self.pool = GlobalPromptPool(self.cfg.prompt_length, d).to(self.ctx.device)
-        self.head = GrowingLinear(d).to(self.ctx.device)
-        self.queries = FeatureCache(self.backbone)
+    def build(self, backbone, info) -> None:
+        self.pool = GlobalPromptPool(self.cfg.prompt_length, backbone.embed_dim).to(self.ctx.device)
         self.n_old = 0                         # experts that existed before the current task
         self.id_share: list[float] = []        # share of in-distribution training samples per task
 
@@ -102,21 +87,19 @@ class SAMoE(Method):
         allowed[:, : self.n_old] = in_dist[:, None]
         return allowed
 
-    def forward(self, batch: Batch, query: torch.Tensor | None = None,
-                allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, Mixture]:
+    def forward(self, batch: Batch, task: Task | None, query: torch.Tensor | None = None,
+                allowed: torch.Tensor | None = None):
         query = self.queries(batch) if query is None else query
         mix = self.pool.mix(query, self.cfg.top_k, self.cfg.temperature, allowed)
         feats = prompted_tokens(self.backbone, batch.images, mix.prompt).mean(1)
-        return self.head(feats), mix
+        pull = self.cfg.pull_coeff * ((mix.weight * mix.sim).sum() / len(query)) if task is not None else None
+        return self.head(feats), pull
 
     def loss(self, batch: Batch, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
         query = self.queries(batch)        # recomputed for augmented images, cached otherwise
         in_dist = self.in_distribution(query)
-        logits, mix = self.forward(batch, query, self.allowed(in_dist))
-        y = batch.labels
-        ce = current_task_ce(logits, y, task) if self.cfg.train_mask == "task" else cross_entropy(logits, y)
-        pull = (mix.weight * mix.sim).sum() / len(y)
-        return ce - self.cfg.pull_coeff * pull, in_dist
+        logits, pull = self.forward(batch, task, query, self.allowed(in_dist))
+        return self.task_loss(logits, batch.labels, task) - pull, in_dist
 
     # ---- learning ---------------------------------------------------------------------------
     def _add_experts(self, batch: Batch, task: Task) -> None:
@@ -131,62 +114,28 @@ class SAMoE(Method):
         self.pool.grow(keys, gen)
 
     def learn(self, task: Task) -> None:
-        c = self.cfg
+        """As the base, except that the new experts' keys need the task's first queries, and the share
+        of in-distribution samples (first pass) is logged."""
         self.head.grow(task.total)
         self.n_old = self.pool.size
-        loader = task.train_loader(c.batch_size)
-        steps = task.online.iters if task.online.enabled else 1
-        passes = 1 if task.online.enabled else c.epochs
-        opt, params = None, []
-        n_id = n_all = n_id_old = n_old_class = 0     # in-distribution counts, overall and on recurring classes
-        for epoch in range(passes):
-            total, seen = 0.0, 0
-            for batch in loader:
-                batch = batch.to(self.ctx.device)
-                if opt is None:      # the new experts' keys need the task's first queries
-                    self._add_experts(batch, task)
-                    params = [self.pool.prompts, self.pool.keys, self.head.weight, self.head.bias]
-                    opt = torch.optim.Adam(params, lr=c.lr, betas=(0.9, 0.999))
-                for _ in range(steps):
-                    with self.ctx.autocast():
-                        loss, in_dist = self.loss(batch, task)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if c.clip_grad > 0:
-                        torch.nn.utils.clip_grad_norm_(params, c.clip_grad)
-                    opt.step()
-                if epoch == 0:
-                    recurring = batch.labels < task.start
-                    n_id, n_all = n_id + int(in_dist.sum()), n_all + len(in_dist)
-                    n_id_old += int((in_dist & recurring).sum())
-                    n_old_class += int(recurring.sum())
-                total += loss.item() * len(batch.labels)
-                seen += len(batch.labels)
-            self.ctx.reporter.epoch(epoch + 1, passes, total / max(1, seen))
-        self.id_share.append(n_id / max(1, n_all))
-        on_recurring = f", {100 * n_id_old / n_old_class:.1f}% of recurring-class ones" if n_old_class else ""
+        counts = dict.fromkeys(("id", "all", "id_old", "old"), 0)   # overall and on recurring classes
+
+        def first_batch(batch: Batch) -> list[torch.nn.Parameter]:
+            self._add_experts(batch, task)
+            return self.trained()
+
+        def tally(epoch: int, batch: Batch, in_dist: torch.Tensor) -> None:
+            if epoch == 0:
+                recurring = batch.labels < task.start
+                counts["id"] += int(in_dist.sum())
+                counts["all"] += len(in_dist)
+                counts["id_old"] += int((in_dist & recurring).sum())
+                counts["old"] += int(recurring.sum())
+
+        fit(first_batch, task.train_loader(self.cfg.batch_size), lambda b: self.loss(b, task), self.schedule(),
+            self.ctx, on_batch=tally)
+        self.id_share.append(counts["id"] / max(1, counts["all"]))
+        on_recurring = f", {100 * counts['id_old'] / counts['old']:.1f}% of recurring-class ones" if counts["old"] else ""
         self.ctx.reporter.log(f"samoe task {task.index}: {self.pool.size} experts, {100 * self.id_share[-1]:.1f}% "
-                              f"of training samples in-distribution{on_recurring} (tau {c.tau})")
-        self.n_old = self.pool.size
-
-    @torch.no_grad()
-    def predict(self, batch: Batch) -> torch.Tensor:
-        with self.ctx.autocast():
-            return self.forward(batch)[0].float()
-
-    # ---- bookkeeping ------------------------------------------------------------------------
-    def modules(self):
-        return [self.backbone, self.pool, self.head]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"prompts": self.pool.prompts.detach().cpu(), "keys": self.pool.keys.detach().cpu(),
-                "head": self.head.state_dict(), "id_share": list(self.id_share)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        dev = self.ctx.device
-        self.pool.prompts = torch.nn.Parameter(state["prompts"].to(dev))
-        self.pool.keys = torch.nn.Parameter(state["keys"].to(dev))
-        self.head.grow(state["head"]["weight"].shape[0])
-        self.head.load_state_dict(state["head"])
-        self.id_share = list(state["id_share"])
+                              f"of training samples in-distribution{on_recurring} (tau {self.cfg.tau})")
         self.n_old = self.pool.size

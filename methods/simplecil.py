@@ -8,24 +8,20 @@ cached per sample because the backbone never changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 
-from cilbench.config import check_range
+from cilbench.config import bounded
 from cilbench.data.base import Batch
 from cilbench.features import FeatureCache
 from cilbench.method import Method, Task
 from cilbench.registry import register_method
-from methods.common.classifiers import CosinePrototypes, add_task_prototypes
+from cilbench.methods.common.classifiers import CosinePrototypes, add_task_prototypes
 
 
 @dataclass(frozen=True)
 class SimpleCILConfig:
-    batch_size: int = 128
+    batch_size: int = bounded(128, 1)
 
-    def __post_init__(self):
-        check_range("method.batch_size", self.batch_size, 1)
 
 
 @register_method("simplecil")
@@ -48,15 +44,3 @@ class SimpleCIL(Method):
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
         return self.head(self.features(batch))
-
-    def modules(self):
-        return [self.backbone, self.head]
-
-    def stored_tensors(self):
-        return [self.head.protos, self.head.counts]
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.head.state()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.head.load(state)

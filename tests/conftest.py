@@ -7,6 +7,35 @@ import torch
 torch.set_num_threads(2)
 
 TINY_BENCH = """
+# As benchmarks/synth.toml: every benchmark here runs the embedded tiny ViT (4 blocks, 32 px) on 2 CPU cores: below
+# each benchmark's own settings, the methods get block choices that exist in it and CPU-sized
+# schedules (README "Notes on the design").
+[methods.care]
+tuned_epoch = 6
+init_lr = 0.02
+batch_size = 32
+crct_epochs = 5
+
+[methods.finetune]
+epochs = 5
+batch_size = 64
+
+[methods.joint]
+epochs = 10
+batch_size = 64
+
+[methods.aper]
+schedule = "synthetic"   # the adapter's lr on the embedded ViT (methods/aper.py docstring)
+
+[methods.dualprompt]
+e_layers = [2, 3]        # ViT-B/16: 2-4
+
+[methods.coda-prompt]
+layers = [0, 1, 2, 3]    # ViT-B/16: 0-4
+
+[methods.rwf]
+blocks = 3
+
 [dataset.tiny]
 display = "Tiny synthetic"
 source = "synthetic"

@@ -20,6 +20,6 @@ def make_method(method_cls, cfg, bench="tiny-3", backbone=None, online=OnlinePro
     method = method_cls(cfg, RunContext(seed=0))
     method.setup(load_backbone(backbone or BackboneConfig()),
                  BenchmarkInfo(bench, spec.n_classes, len(spec.splits), tuple(len(s) for s in spec.splits), 32))
-    tasks = [Task(i, len(spec.splits), s.start, s.stop, data, seed=0, allow_past_data=method.uses_past_data,
+    tasks = [Task(i, len(spec.splits), s.start, s.stop, data.training, seed=0, allow_past_data=method.uses_past_data,
                   online=online) for i, s in enumerate(spec.splits)]
     return method, tasks

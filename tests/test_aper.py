@@ -2,10 +2,12 @@
 import pytest
 import torch
 
+from cilbench.config import build
+
 from cilbench.errors import ConfigError
-from methods.aper import APER, APERConfig
-from methods.common.peft import SSF, AdapterHooks, PromptHooks, ssf_targets
-from tests.helpers import make_method
+from cilbench.methods.aper import APER, APERConfig
+from cilbench.methods.common.peft import SSF, AdapterHooks, PromptHooks, ssf_targets
+from tests.helpers import make_method, tiny_data
 
 FAST = dict(tuned_epoch=2, batch_size=16, init_lr=0.05)
 
@@ -38,7 +40,7 @@ def test_first_task_adapts_only_the_tuner_then_everything_is_frozen(variant):
     assert any(not torch.equal(tuned0[k], tuned1[k]) for k in tuned0), "the tuner did not train"
     method.learn(tasks[1])
     assert all(torch.equal(tuned1[k], v) for k, v in method.adapted.tuned_state().items())
-    assert not any(p.requires_grad for m in method.modules() for p in m.parameters())
+    assert not any(p.requires_grad for m in method.modules().values() for p in m.parameters())
 
 
 def class_means(feats, y, classes):
@@ -73,7 +75,7 @@ def test_prediction_is_cosine_to_prototypes_and_state_round_trips():
     method, tasks = make_method(APER, APERConfig(variant="ssf", **FAST))
     method.learn(tasks[0])
     method.learn(tasks[1])
-    batch = next(iter(tasks[1].data.test_view(tasks[1].stop, 32)))
+    batch = next(iter(tiny_data().test_view(tasks[1].stop, 32)))
     logits = method.predict(batch)
     with torch.no_grad():
         f = torch.nn.functional.normalize(method._extract(batch.images), dim=1)
@@ -118,8 +120,8 @@ def test_variant_defaults_follow_pilot_and_explicit_values_win():
     ft = APERConfig(variant="finetune")
     assert (ft.tuned_epoch, ft.batch_size, ft.weight_decay) == (6, 128, 0.05)
     assert APERConfig(variant="finetune", tuned_epoch=3).tuned_epoch == 3
-    with pytest.raises(ConfigError):
-        APERConfig(ffn_num=0)
+    with pytest.raises(ConfigError, match="method.ffn_num = 0 is out of range"):
+        build(APERConfig, [("test", {"ffn_num": 0})])
 
 
 def test_the_synthetic_schedule_raises_only_the_adapter_lr_and_only_on_synthetic_benchmarks():
@@ -141,7 +143,7 @@ def test_at_the_synthetic_lr_the_adapter_moves_the_features():
         torch.manual_seed(0)
         method, tasks = make_method(APER, APERConfig(variant="adapter", init_lr=lr, tuned_epoch=8, batch_size=4))
         method.learn(tasks[0])
-        batch = next(iter(tasks[0].data.test_view(tasks[0].stop, 64)))
+        batch = next(iter(tiny_data().test_view(tasks[0].stop, 64)))
         with torch.no_grad():
             cosines.append(F.cosine_similarity(method.backbone(batch.images), method.adapted(batch.images)).mean())
     assert cosines[0] > 0.999 and (1 - cosines[1]) > 20 * (1 - cosines[0])   # the synthetic lr moves it 20x more

@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 
-from methods.care import CaRE, CaREConfig, decay_factors
-from methods.common.adapters import Adapter
-from methods.common.brmoe import BRMoE, BRMoEConfig
-from tests.helpers import make_method
+from cilbench.methods.care import CaRE, CaREConfig, decay_factors
+from cilbench.methods.common.adapters import Adapter
+from cilbench.methods.common.brmoe import BRMoE, BRMoEConfig
+from tests.helpers import make_method, tiny_data
 
 
 def moe_with_tasks(n_tasks, dim=8, classes=3, **kw):
@@ -167,7 +167,7 @@ def test_predict_covers_all_seen_classes(iter_pred):
     method, tasks = make_care(CaREConfig(tuned_epoch=2, batch_size=16, crct_epochs=1, iter_pred=iter_pred))
     for task in tasks[:2]:
         method.learn(task)
-    batch = next(iter(tasks[0].data.test_view(8, 16)))
+    batch = next(iter(tiny_data().test_view(8, 16)))
     scores = method.predict(batch)
     assert scores.shape == (16, 8)
     if iter_pred:   # sum of two softmaxes
@@ -175,7 +175,7 @@ def test_predict_covers_all_seen_classes(iter_pred):
 
 
 def test_aux_temperature_follows_the_released_block_index_rule():
-    from methods.care import aux_temperatures
+    from cilbench.methods.care import aux_temperatures
 
     assert aux_temperatures(12, "released") == [1.0] * 6 + [2.0] * 6      # released: 1 if idx < 6 else 2
     assert aux_temperatures(12, "half") == aux_temperatures(12, "released")
@@ -188,7 +188,7 @@ def test_care_loss_is_the_released_formula(rule, taus):
     """Main CosFace + mean over blocks of (CosFace(latent) + KL(teacher/τ ‖ latent/τ)·τ²)/2, by hand."""
     import torch.nn.functional as F
 
-    from methods.care import cosface
+    from cilbench.methods.care import cosface
 
     method, tasks = make_care(CaREConfig(batch_size=8, aux_tau=rule, dropout=0.0))
     method.add_task(len(tasks[0].classes), len(tasks[0].labels))
@@ -196,17 +196,18 @@ def test_care_loss_is_the_released_formula(rule, taus):
     batch = next(iter(tasks[0].train_loader(8, augment=False)))
     torch.manual_seed(0)
     loss = method.loss(batch, tasks[0])
-    feats = method.features(batch.images, 0)
+    feats, latents = method.features_and_latents(batch.images, 0)
+    assert len(latents) == method.backbone.depth
     cur, y = method.fc(feats)[:, :4], batch.labels
     terms = []
-    for a, tau in zip(method.hooks.latents, taus):
+    for a, tau in zip(latents, taus):
         kl = F.kl_div(F.log_softmax(a / tau, 1), F.softmax(cur.detach() / tau, 1), reduction="batchmean") * tau ** 2
         terms.append((cosface(a, y, 20.0, 0.0) + kl) / 2)
     torch.testing.assert_close(loss, cosface(cur, y, 20.0, 0.0) + sum(terms) / len(terms))
 
 
 def test_alignment_stacks_pseudo_features_class_by_class_as_released():
-    from methods.care import stack_pseudo_features
+    from cilbench.methods.care import stack_pseudo_features
 
     draws = torch.arange(3 * 2 * 1, dtype=torch.float).view(3, 2, 1)        # class c, draw i -> 2c + i
     x, y = stack_pseudo_features(draws, "class-major")

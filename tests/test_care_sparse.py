@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from methods.common.brmoe import BRMoE, BRMoEConfig
+from cilbench.methods.common.brmoe import BRMoE, BRMoEConfig
 
 
 def paired(n_tasks, seed=0, dim=16, sizes=None):

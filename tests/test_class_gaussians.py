@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from methods.common.class_gaussians import RIDGE, ClassGaussians
+from cilbench.methods.common.class_gaussians import RIDGE, ClassGaussians
 
 
 def data(n_classes=4, per_class=30, dim=12, seed=0):

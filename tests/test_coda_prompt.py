@@ -2,8 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from methods.coda_prompt import CODAPrompt, CODAPromptConfig, orthonormal_rows
-from tests.helpers import make_method
+from cilbench.methods.coda_prompt import CODAPrompt, CODAPromptConfig, orthonormal_rows
+from tests.helpers import make_method, tiny_data
 
 SYNTH = dict(layers=(0, 1, 2, 3), pool_size=9, batch_size=8, epochs=1)
 
@@ -50,7 +50,7 @@ def test_learn_predict_state_round_trip_and_pool_growth_for_long_sequences():
     torch.manual_seed(0)
     method, tasks = make_method(CODAPrompt, CODAPromptConfig(**SYNTH))
     method.learn(tasks[0])
-    batch = next(iter(tasks[0].data.test_view(tasks[0].stop, 16)))
+    batch = next(iter(tiny_data().test_view(tasks[0].stop, 16)))
     out = method.predict(batch)
     assert out.shape == (len(batch.labels), tasks[0].stop) and method.n_learned == 3
     fresh, _ = make_method(CODAPrompt, CODAPromptConfig(**SYNTH))

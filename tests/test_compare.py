@@ -6,7 +6,6 @@ import pytest
 
 from cilbench.cli import main
 from cilbench.compare import find_runs, leaderboard, load_run, write_comparison
-from cilbench.evaluator import EvalState
 from cilbench.metrics import forgetting_curve
 from cilbench.results import RunDir
 
@@ -70,7 +69,8 @@ def test_seed_aggregation_and_every_number(results):
     assert alpha.bwt == pytest.approx((-12.5 - 25) / 2)
     assert alpha.added_params == 100 and alpha.trainable_params == 10
     assert alpha.train_s == pytest.approx(3.0) and alpha.eval_s == pytest.approx(1.5)
-    assert alpha.peak_mem_mb == pytest.approx(51.5)
+    # these runs store the one memory column of cilbench <= 0.1 (on CPU: the process's peak RSS)
+    assert alpha.process_peak_rss_mb == pytest.approx(51.5) and np.isnan(alpha.peak_cuda_mem_mb)
     beta = board[board.method == "beta"].iloc[0]
     assert beta.last_acc == 80.0 and np.isnan(beta.last_acc_std)
 
@@ -92,7 +92,8 @@ def test_written_files_and_published_rows(results, tmp_path):
     csv = pd.read_csv(out / "leaderboard.csv")
     assert {"method", "benchmark", "seeds", "orders", "n", "avg_inc_acc", "last_acc", "forgetting_pilot",
             "forgetting_chaudhry", "forgetting_avalanche", "bwt",
-            "trainable_params", "added_params", "train_s", "eval_s", "peak_mem_mb"} <= set(csv.columns)
+            "trainable_params", "added_params", "train_s", "eval_s", "peak_cuda_mem_mb",
+            "process_peak_rss_mb"} <= set(csv.columns)
     md = (out / "leaderboard.md").read_text()
     assert "70.00 ± 4.24" in md and "incomplete (1/3)" in md
     for name in ("b3_accuracy", "b3_forgetting", "b3_cost", "heatmaps/b3__alpha__s1__o1993"):

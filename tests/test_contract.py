@@ -7,7 +7,7 @@ from cilbench.data.base import Batch
 from cilbench.errors import ConfigError
 from cilbench.registry import METHODS
 from cilbench.runner import RunRequest, resolve
-from tests.helpers import make_method
+from tests.helpers import make_method, tiny_data
 
 # the briefest training that still exercises each method's learned parts
 QUICK = {"finetune": ["method.epochs=1"], "joint": ["method.epochs=1", "method.schedule=every"],
@@ -26,7 +26,7 @@ def trained(name, sets=()):
                                 online=OnlineProtocol(r.run.online, r.run.online_batch_size, r.run.online_iters))
     for task in tasks[:2]:
         method.learn(task)
-    return method, tasks[0].data
+    return method, tiny_data()
 
 
 def one_by_one(method, batch: Batch) -> torch.Tensor:

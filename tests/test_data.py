@@ -40,7 +40,7 @@ def test_imagefolder_loads_the_pilot_layout(tmp_path):
     assert sum(len(b.labels) for b in batches) == 6
     assert batches[0].images.shape[1:] == (3, 32, 32)          # Resize + CenterCrop to image_size
     assert 0.0 <= batches[0].images.min() and batches[0].images.max() <= 1.0
-    aug = next(iter(data.train_view(0, 2, batch_size=8, shuffle=True, augment=True, seed=0)))
+    aug = next(iter(data.training.train_view(0, 2, batch_size=8, shuffle=True, augment=True, seed=0)))
     assert aug.images.shape[1:] == (3, 32, 32) and aug.augmented
     assert set(aug.labels.tolist()) <= {0, 1}                  # task 0 = first two classes in the order
 

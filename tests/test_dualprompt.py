@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 from cilbench.backbones.vit import prefix_attention
 from cilbench.errors import ConfigError
-from methods.dualprompt import DualPrompt, DualPromptConfig
-from tests.helpers import make_method
+from cilbench.methods.dualprompt import DualPrompt, DualPromptConfig
+from tests.helpers import make_method, tiny_data
 
 SYNTH = dict(e_layers=(2, 3), batch_size=8)
 
@@ -66,7 +66,7 @@ def test_learn_predict_and_state_round_trip():
     backbone0 = {k: v.clone() for k, v in method.backbone.state_dict().items()}
     method.learn(tasks[0])
     assert all(torch.equal(backbone0[k], v) for k, v in method.backbone.state_dict().items())
-    batch = next(iter(tasks[0].data.test_view(tasks[0].stop, 16)))
+    batch = next(iter(tiny_data().test_view(tasks[0].stop, 16)))
     out = method.predict(batch)
     assert out.shape == (len(batch.labels), tasks[0].stop)
     fresh, _ = make_method(DualPrompt, DualPromptConfig(**SYNTH, epochs=1))
@@ -90,10 +90,10 @@ def test_the_pilot_preset_is_the_default_and_pins_pilots_recipe():
 
 
 def test_shared_pool_starts_task_t_from_task_t_minus_1s_e_prompt(monkeypatch):
-    import methods.dualprompt as dp
+    import cilbench.methods.common.prompts as prompts
 
     seen = []
-    monkeypatch.setattr(dp, "adam_epochs", lambda *a, **k: seen.append(method.e_prompt.detach().clone()))
+    monkeypatch.setattr(prompts, "fit", lambda *a, **k: seen.append(method.e_prompt.detach().clone()))
     method, tasks = make_method(DualPrompt, DualPromptConfig(**SYNTH))
     before = method.e_prompt.detach().clone()
     method.learn(tasks[0])
@@ -111,7 +111,7 @@ def test_shared_pool_starts_task_t_from_task_t_minus_1s_e_prompt(monkeypatch):
 
 
 def test_pilot_prefix_reshape_reproduces_the_reference_bug():
-    from methods.dualprompt import e_prefixes
+    from cilbench.methods.dualprompt import e_prefixes
 
     e = torch.arange(1 * 2 * 4 * 1 * 1, dtype=torch.float).view(1, 2, 4, 1, 1)   # value = 4·kv + slot
     idx = torch.tensor([[0], [1], [2], [3]])                                       # sample b picks slot b

@@ -154,18 +154,19 @@ def test_imagefolder_labels_round_trip_through_a_non_identity_class_order(tmp_pa
 
 def test_online_iters_are_gradient_steps_on_each_streamed_batch():
     from cilbench.data.base import SinglePass
-    from methods.common.training import run_epochs
+    from cilbench.engine import Schedule, fit
 
-    view = tiny_data().task_view(0, 8, True, False, 0)          # 32 images -> 4 batches
+    view = tiny_data().training.task_view(0, 8, True, False, 0)          # 32 images -> 4 batches
     w = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([w], lr=1.0)
     calls = []
 
     def loss(batch):
         calls.append(len(batch.labels))
         return (w - 1).pow(2).sum()
-    run_epochs(opt, [w], SinglePass(view, 0, steps_per_batch=3), loss, 1, RunContext())
-    assert calls == [8] * 12                                    # 4 batches x 3 steps
+    # an online stream is one pass whatever the schedule's epochs
+    result = fit([w], SinglePass(view, 0, steps_per_batch=3), loss, Schedule(5, 0.1, momentum=0.0), RunContext())
+    assert calls == [8] * 12 and result.steps == 12             # 4 batches x 3 steps
+    assert w.item() == pytest.approx(1 - 0.8 ** 12)             # w <- w - 0.1 * 2 (w - 1), twelve times
 
 
 def test_protocol_json_records_the_class_order_and_order_seed_changes_it(tmp_path):

@@ -3,10 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cilbench.config import build
+
 from cilbench.errors import ConfigError
-from methods.common.prompts import PromptPool, majority, prompted_tokens
-from methods.l2p import L2P, L2PConfig
-from tests.helpers import make_method
+from cilbench.methods.common.prompts import PromptPool, majority, prompted_tokens
+from cilbench.methods.l2p import L2P, L2PConfig
+from tests.helpers import make_method, tiny_data
 
 
 def test_selected_prompts_are_the_top_n_keys_by_cosine():
@@ -43,8 +45,9 @@ def test_class_mask_stops_gradients_to_other_classes_and_pull_term_is_exact():
     t = tasks[1]
     assert (g[: t.start] == 0).all() and (g[t.stop:] == 0).all() and (g[t.start:t.stop] > 0).all()
     with torch.no_grad():
-        logits, sel = method.forward(batch, training=True)
+        logits, _ = method.forward(batch, t)
         ce = F.cross_entropy(logits[:, t.start:t.stop], batch.labels - t.start)
+        sel = method.pool.select(method.queries(batch), vote=True, ties=method.cfg.vote_ties)
     assert torch.allclose(loss, ce - 0.1 * sel.sim.sum() / len(batch.labels), atol=1e-6)
     assert method.pool.keys.grad is not None and method.pool.keys.grad.abs().sum() > 0
 
@@ -57,7 +60,7 @@ def test_only_prompts_keys_and_head_train():
     method.learn(tasks[0])
     assert all(torch.equal(before[k], v) for k, v in method.backbone.state_dict().items())
     assert all(not torch.equal(pool0[k], v) for k, v in method.pool.state_dict().items())
-    batch = next(iter(tasks[0].data.test_view(tasks[0].stop, 16)))
+    batch = next(iter(tiny_data().test_view(tasks[0].stop, 16)))
     assert method.predict(batch).shape == (len(batch.labels), tasks[0].stop)
     fresh, _ = make_method(L2P, L2PConfig(batch_size=16, epochs=1))
     fresh.load_state_dict(method.state_dict())
@@ -83,8 +86,8 @@ def test_presets_and_overrides():
     off = L2PConfig(preset="official")
     assert (off.prompt_length, off.top_k, off.pull_coeff, off.lr) == (10, 4, 1.0, 0.015)
     assert L2PConfig(preset="paper", lr=0.01).lr == 0.01
-    with pytest.raises(ConfigError):
-        L2PConfig(top_k=11)
+    with pytest.raises(ConfigError, match=r"method.top_k = 11 is out of range\n  -> use a value in \[1, 10\]"):
+        build(L2PConfig, [("test", {"top_k": 11})])     # the bound is the preset's pool size
 
 
 def test_the_pilot_preset_is_pilots_recipe_and_the_default():

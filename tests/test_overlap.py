@@ -14,8 +14,8 @@ from cilbench.method import Task
 from cilbench.protocol import make_splits, sample_owners, with_recurring
 from cilbench.registry import METHODS
 from cilbench.runner import RunRequest, execute, resolve
-from methods.common.training import current_task_ce
-from methods.simplecil import SimpleCIL, SimpleCILConfig
+from cilbench.methods.common.losses import current_task_ce
+from cilbench.methods.simplecil import SimpleCIL, SimpleCILConfig
 from tests.helpers import make_method
 
 
@@ -36,7 +36,7 @@ def test_later_tasks_revisit_earlier_classes_reproducibly():
 
 def test_each_training_image_belongs_to_exactly_one_task():
     data, spec = data_for()
-    views = [data.task_view(t, 64, False, False, 0) for t in range(len(spec.splits))]
+    views = [data.training.task_view(t, 64, False, False, 0) for t in range(len(spec.splits))]
     all_idx = np.concatenate([v.indices for v in views])
     assert len(all_idx) == len(np.unique(all_idx)) == len(data.train.targets)
     for s, v in zip(spec.splits, views):
@@ -51,7 +51,7 @@ def test_few_shot_and_overlap_split_the_n_shots():
     data, spec = data_for(shots=4)
     counts = np.zeros(spec.n_classes, dtype=int)
     for t in range(len(spec.splits)):
-        v = data.task_view(t, 64, False, False, 0)
+        v = data.training.task_view(t, 64, False, False, 0)
         counts += np.bincount(data.label_of[data.train.targets[v.indices]], minlength=spec.n_classes)
     assert (counts == 4).all()
 
@@ -90,7 +90,7 @@ def test_the_task_mask_covers_recurring_classes_in_the_global_label_space():
 
 
 def test_care_reads_recurring_classes_from_their_old_heads():
-    from methods.care import task_columns
+    from cilbench.methods.care import task_columns
 
     data, spec = data_for()
     task = Task(2, 3, spec.splits[2].start, spec.splits[2].stop, data)

@@ -30,7 +30,7 @@ def test_shots_limit_every_task_and_name_the_protocol(tmp_path):
     from cilbench.data.stream import ClassIncrementalData
     train, test = load_splits(r.bench.dataset, None)
     data = ClassIncrementalData(train, test, 12, r.bench.splits, 1993, shots=2)
-    view = data.train_view(0, 12, 100, False, False, 0)
+    view = data.training.train_view(0, 12, 100, False, False, 0)
     assert view.n_samples == 24
 
 

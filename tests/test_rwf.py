@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from cilbench.errors import CilbenchError
 from cilbench.evaluator import Evaluator
 from cilbench.method import OnlineProtocol, RunContext
-from methods.common.hopfield import HopfieldPrompts, free_energy, retrieve
-from methods.rwf import RwF, RwFConfig
-from tests.helpers import make_method
+from cilbench.methods.common.hopfield import HopfieldPrompts, free_energy, retrieve
+from cilbench.methods.rwf import RwF, RwFConfig
+from tests.helpers import make_method, tiny_data
 
 
 def test_retrieval_is_softmax_attention():
@@ -81,7 +81,7 @@ def test_online_stream_visits_each_training_sample_exactly_once(monkeypatch):
     from cilbench.data.base import SinglePass
 
     method, tasks = rwf()
-    data, seen, original = tasks[0].data, [], SinglePass.__iter__
+    data, seen, original = tiny_data(), [], SinglePass.__iter__
 
     def recording(self):
         for batch in original(self):
@@ -92,7 +92,7 @@ def test_online_stream_visits_each_training_sample_exactly_once(monkeypatch):
     ev = Evaluator(method, data, RunContext(seed=0), online=OnlineProtocol(True, batch_size=5, iters=2))
     for t in range(len(ev.splits)):
         ev.run_task(t)
-    train_keys = np.concatenate([data.train_view(s.start, s.stop, 1, False, False, 0).indices for s in ev.splits])
+    train_keys = np.concatenate([data.training.train_view(s.start, s.stop, 1, False, False, 0).indices for s in ev.splits])
     assert sorted(seen) == sorted(train_keys.tolist())  # every training sample, each exactly once
 
 

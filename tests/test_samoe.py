@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from cilbench.data.base import Batch
-from methods.common.global_pool import GlobalPromptPool, farthest_queries
-from methods.samoe import SAMoE, SAMoEConfig
-from tests.helpers import make_method
+from cilbench.methods.common.global_pool import GlobalPromptPool, farthest_queries
+from cilbench.methods.samoe import SAMoE, SAMoEConfig
+from tests.helpers import make_method, tiny_data
 
 FAST = dict(epochs=1, batch_size=8)
 
@@ -93,7 +93,7 @@ def test_pool_grows_per_task_and_state_round_trips():
     for t in tasks:
         method.learn(t)
     assert method.pool.size == 3 * len(tasks) and len(method.id_share) == len(tasks)
-    batch = next(iter(tasks[-1].data.test_view(tasks[-1].stop, 16)))
+    batch = next(iter(tiny_data().test_view(tasks[-1].stop, 16)))
     logits = method.predict(batch)
     assert logits.shape == (16, tasks[-1].stop)
     fresh, _ = make_method(SAMoE, SAMoEConfig(prompts_per_task=3, **FAST))

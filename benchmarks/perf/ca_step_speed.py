@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.care import CosineHeads, cosine
+from cilbench.methods.care import CosineHeads, cosine
 
 
 def main(steps: int = 200) -> None:

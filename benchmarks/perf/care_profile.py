@@ -16,8 +16,8 @@ from torch.profiler import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cilbench.backbones.loader import BackboneConfig, load_backbone  # noqa: E402
-from methods.care import CaREHooks  # noqa: E402
-from methods.common.brmoe import BRMoE, BRMoEConfig  # noqa: E402
+from cilbench.methods.care import CaREHooks  # noqa: E402
+from cilbench.methods.common.brmoe import BRMoE, BRMoEConfig  # noqa: E402
 
 
 def main() -> None:
@@ -38,10 +38,9 @@ def main() -> None:
             for m in moes:
                 m.experts[-1].scale.normal_(0, 0.1)
     moes.eval()
-    hooks = CaREHooks(moes)
+    hooks = CaREHooks(moes, None)
 
     def care():
-        hooks.latents = []
         backbone(x, hooks)
 
     with torch.no_grad():

@@ -22,8 +22,8 @@ from torch import nn
 
 from cilbench.backbones.loader import BackboneConfig, load_backbone
 from cilbench.report import _save, plt  # noqa: F401  (headless matplotlib + atomic PNG/SVG)
-from methods.care import CaREHooks
-from methods.common.brmoe import BRMoE, BRMoEConfig
+from cilbench.methods.care import CaREHooks
+from cilbench.methods.common.brmoe import BRMoE, BRMoEConfig
 
 ARCHS = {"tiny": ("embedded-tiny", 32), "vitb": ("vit_base_patch16_224", 224)}
 
@@ -92,7 +92,6 @@ def run_arch(arch: str, tasks: list[int], batch: int, device: torch.device, repe
     print(f"[{arch}] backbone: inference {plain_inf:.1f} img/s, fine-tune step {plain_train:.1f} img/s", flush=True)
 
     moes = nn.ModuleList([BRMoE(d, BRMoEConfig()) for _ in range(depth)]).to(device)
-    hooks = CaREHooks(moes)
     for target in tasks:
         while moes[0].n_tasks < target:
             for m in moes:
@@ -115,21 +114,19 @@ def run_arch(arch: str, tasks: list[int], batch: int, device: torch.device, repe
                     continue
                 if mode == "inference":
                     moes.eval()
-                    hooks.task = None
+                    hooks = CaREHooks(moes, None)
 
                     def fn():
                         with torch.no_grad():
-                            hooks.latents = []
                             backbone(x, hooks)
                 else:
                     moes.train()
-                    hooks.task = target - 1
+                    hooks = CaREHooks(moes, target - 1)
 
                     def fn():
-                        hooks.latents = []
                         step_opt.zero_grad(set_to_none=True)
-                        feats = backbone(x, hooks)
-                        (feats.square().mean() + sum(a.square().mean() for a in hooks.latents)).backward()
+                        feats, latents = backbone.forward_with_sides(x, hooks)
+                        (feats.square().mean() + sum(a.square().mean() for a in latents)).backward()
                         step_opt.step()
                 # the backbone is timed again right before, so a ratio compares like with like even
                 # when the machine's load drifts during the sweep

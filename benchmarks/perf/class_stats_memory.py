@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from methods.common.class_gaussians import ClassGaussians
+from cilbench.methods.common.class_gaussians import ClassGaussians
 
 OPTIONS = [("covariance", "float32"), ("covariance", "float16"), ("lowrank", "float32"), ("lowrank", "float16"),
            ("shared", "float32"), ("variance", "float32")]

@@ -4,7 +4,8 @@ The forward is timm's (patch embed -> position embedding -> blocks -> norm) with
 per-block hooks, so methods never patch timm modules:
 - ``before_block(i, x)``: e.g. insert prompt tokens;
 - ``parallel(i, z_a)``: a branch added beside the MLP (AdaptFormer "parallel" placement:
-  ``z' = z_a + MLP(LN(z_a)) + branch(z_a)`` with ``z_a = z + MHSA(LN(z))``);
+  ``z' = z_a + MLP(LN(z_a)) + branch(z_a)`` with ``z_a = z + MHSA(LN(z))``); it may return
+  ``(branch, side)``, and ``forward_with_sides`` returns the sides;
 - ``after_block(i, x)``: e.g. remove the prompt tokens again;
 - ``attn_prefix(i, x)``: (key, value) prefixes (B, P, d) prepended to the block's attention keys and
   values, prefix-tuning as in DualPrompt / CODA-Prompt (queries and output length unchanged).
@@ -26,7 +27,7 @@ class BlockHooks:
     def before_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def parallel(self, i: int, z_a: torch.Tensor) -> torch.Tensor | None:
+    def parallel(self, i: int, z_a: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, object] | None:
         return None
 
     def after_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,13 @@ class ViTBackbone(nn.Module):
 
     def run_blocks(self, x: torch.Tensor, hooks: BlockHooks | None = None, start: int = 0,
                    stop: int | None = None) -> torch.Tensor:
-        blocks = self.vit.blocks
+        return self.run_blocks_with_sides(x, hooks, start, stop)[0]
+
+    def run_blocks_with_sides(self, x: torch.Tensor, hooks: BlockHooks | None = None, start: int = 0,
+                              stop: int | None = None) -> tuple[torch.Tensor, list]:
+        """The blocks, and the side outputs of ``parallel`` hooks that return ``(branch, side)`` (e.g.
+        CaRE's per-block perceptron logits), in block order: returned, not left on the hooks."""
+        blocks, sides = self.vit.blocks, []
         for i in range(start, len(blocks) if stop is None else stop):
             blk = blocks[i]
             if hooks is None:
@@ -101,12 +108,21 @@ class ViTBackbone(nn.Module):
                 z_a = x + blk.drop_path1(blk.ls1(y))
                 x = z_a + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(z_a))))
                 branch = hooks.parallel(i, z_a)
+                if isinstance(branch, tuple):
+                    branch, side = branch
+                    if side is not None:
+                        sides.append(side)
                 if branch is not None:
                     x = x + branch
             else:
                 x = blk(x)
             x = hooks.after_block(i, x)
-        return x
+        return x, sides
+
+    def forward_with_sides(self, images: torch.Tensor, hooks: BlockHooks) -> tuple[torch.Tensor, list]:
+        """(CLS feature after the final LayerNorm, the hooks' side outputs)."""
+        x, sides = self.run_blocks_with_sides(self.embed(images), hooks)
+        return self.vit.norm(x)[:, 0], sides
 
     def forward_tokens(self, images: torch.Tensor, hooks: BlockHooks | None = None) -> torch.Tensor:
         """Final-normed tokens (B, N, d)."""

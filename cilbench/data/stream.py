@@ -7,28 +7,14 @@ from cilbench.data.base import ImageSplit, SampleView
 from cilbench.protocol import TaskSplit, class_order, label_map, sample_owners
 
 
-class ClassIncrementalData:
-    def __init__(self, train: ImageSplit, test: ImageSplit, n_classes: int, splits: list[TaskSplit],
-                 order_seed: int, num_workers: int = 0, shots: int = 0, test_shuffle_seed: int = 1993):
-        """``shots`` > 0: the few-shot protocol, N training images per class (the same N for every
-        method: a fixed draw seeded by ``order_seed``). ``test_shuffle_seed`` fixes the order in which
-        the test images are scored (see ``test_view``)."""
-        self.train, self.test, self.splits = train, test, splits
-        self.test_shuffle_seed = test_shuffle_seed
-        self.order = class_order(n_classes, order_seed)
-        self.label_of = label_map(self.order)
-        self.num_workers = num_workers
-        train_labels = self.label_of[train.targets]
-        keep = few_shot(train_labels, shots, order_seed) if shots else None
-        self._train_index = _LabelIndex(train_labels, n_classes, keep)
-        self._test_index = _LabelIndex(self.label_of[test.targets], n_classes)
-        kept = train_labels.copy()
-        if keep is not None:
-            dropped = np.ones(len(kept), dtype=bool)
-            dropped[keep] = False
-            kept[dropped] = -1
-        # the task that trains on each sample, in label-sorted order (so a task's view is label-sorted)
-        self._owner_sorted = sample_owners(kept, splits, order_seed)[self._train_index.sorted]
+class TrainingData:
+    """The training side of a class-incremental stream: what a method's ``Task`` can reach. It holds
+    no reference to the test split, so a method cannot read test images through it."""
+
+    def __init__(self, train: ImageSplit, splits: list[TaskSplit], label_of: np.ndarray, index: "_LabelIndex",
+                 owner_sorted: np.ndarray, num_workers: int):
+        self.train, self.splits, self.label_of = train, splits, label_of
+        self._train_index, self._owner_sorted, self.num_workers = index, owner_sorted, num_workers
 
     @property
     def overlapping(self) -> bool:
@@ -54,6 +40,31 @@ class ClassIncrementalData:
                    seed: int) -> SampleView:
         return SampleView(self.train, self._train_index.between(start, stop), self.label_of, batch_size,
                           shuffle, augment, seed, self.num_workers)
+
+
+class ClassIncrementalData:
+    def __init__(self, train: ImageSplit, test: ImageSplit, n_classes: int, splits: list[TaskSplit],
+                 order_seed: int, num_workers: int = 0, shots: int = 0, test_shuffle_seed: int = 1993):
+        """``shots`` > 0: the few-shot protocol, N training images per class (the same N for every
+        method: a fixed draw seeded by ``order_seed``). ``test_shuffle_seed`` fixes the order in which
+        the test images are scored (see ``test_view``)."""
+        self.train, self.test, self.splits = train, test, splits
+        self.test_shuffle_seed = test_shuffle_seed
+        self.order = class_order(n_classes, order_seed)
+        self.label_of = label_map(self.order)
+        self.num_workers = num_workers
+        train_labels = self.label_of[train.targets]
+        keep = few_shot(train_labels, shots, order_seed) if shots else None
+        train_index = _LabelIndex(train_labels, n_classes, keep)
+        self._test_index = _LabelIndex(self.label_of[test.targets], n_classes)
+        kept = train_labels.copy()
+        if keep is not None:
+            dropped = np.ones(len(kept), dtype=bool)
+            dropped[keep] = False
+            kept[dropped] = -1
+        # the task that trains on each sample, in label-sorted order (so a task's view is label-sorted)
+        owner_sorted = sample_owners(kept, splits, order_seed)[train_index.sorted]
+        self.training = TrainingData(train, splits, self.label_of, train_index, owner_sorted, num_workers)
 
     def test_view(self, n_seen: int, batch_size: int) -> SampleView:
         """The test images of labels 0..n_seen-1 in a seeded shuffled order (the same for every method

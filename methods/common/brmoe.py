@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.common.adapters import Adapter, average_into
-from methods.common.folded_experts import (CLSHidden, FoldedExperts, entropy, fold, fold_adapters,
+from cilbench.methods.common.adapters import Adapter, average_into
+from cilbench.methods.common.folded_experts import (CLSHidden, FoldedExperts, entropy, fold, fold_adapters,
                                            perceptron_logits_entropy, router_logits, stacked_rows)
 
 

@@ -33,13 +33,6 @@ class CosinePrototypes(nn.Module):
         self.protos[idx] = ((self.protos[idx].to(sums) * old_n[:, None] + sums) / total[:, None]).to(self.protos)
         self.counts[idx] += counts.to(self.counts)
 
-    def load(self, state: dict) -> None:
-        self.protos = state["protos"].to(self.protos.device)
-        self.counts = state.get("counts", torch.zeros(len(self.protos), dtype=torch.long)).to(self.protos.device)
-
-    def state(self) -> dict:
-        return {"protos": self.protos.cpu(), "counts": self.counts.cpu()}
-
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return F.normalize(feats, dim=1) @ F.normalize(self.protos, dim=1).T
 

@@ -2,32 +2,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 
-from cilbench.config import check_range
+from cilbench.config import bounded
 from cilbench.data.base import Batch, SampleView
 from cilbench.method import Method
-from methods.common.classifiers import GrowingLinear
-from methods.common.training import SGDSchedule, cross_entropy, train_epochs
+from cilbench.methods.common.classifiers import GrowingLinear
+from cilbench.engine import Schedule, fit
+from cilbench.methods.common.losses import cross_entropy
 
 
 @dataclass(frozen=True)
 class SGDConfig:
-    epochs: int = 20
-    lr: float = 0.01
-    batch_size: int = 48
+    epochs: int = bounded(20, 0)
+    lr: float = bounded(0.01, 0.0)
+    batch_size: int = bounded(48, 1)
     momentum: float = 0.9
     weight_decay: float = 5e-4
 
-    def __post_init__(self):
-        check_range("method.epochs", self.epochs, 0)
-        check_range("method.lr", self.lr, 0.0)
-        check_range("method.batch_size", self.batch_size, 1)
 
-    def sgd(self) -> SGDSchedule:
-        return SGDSchedule(self.epochs, self.lr, self.momentum, self.weight_decay)
+    def sgd_schedule(self) -> Schedule:
+        """SGD with a cosine to 0 stepped per batch."""
+        return Schedule(self.epochs, self.lr, "sgd", self.momentum, self.weight_decay, cosine_to=0.0,
+                        step_every="batch")
 
 
 class FullModelMethod(Method):
@@ -42,22 +39,9 @@ class FullModelMethod(Method):
     def train_on(self, loader: SampleView) -> None:
         self.backbone.train().requires_grad_(True)
         loss = lambda b: cross_entropy(self.head(self.backbone(b.images)), b.labels)  # noqa: E731
-        train_epochs(list(self.backbone.parameters()) + list(self.head.parameters()), loader, loss,
-                     self.cfg.sgd(), self.ctx)
+        fit(list(self.backbone.parameters()) + list(self.head.parameters()), loader, loss, self.cfg.sgd_schedule(), self.ctx)
         self.backbone.eval()
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
         return self.head(self.backbone(batch.images))
-
-    def modules(self):
-        return [self.backbone, self.head]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"backbone": self.backbone.state_dict(), "head": self.head.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.backbone.load_state_dict(state["backbone"])
-        self.head = GrowingLinear(self.backbone.embed_dim).to(self.ctx.device)
-        self.head.grow(state["head"]["weight"].shape[0])
-        self.head.load_state_dict(state["head"])

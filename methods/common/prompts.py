@@ -1,4 +1,9 @@
-"""Key-query prompt pools (L2P; shared by the prompt-based methods).
+"""The prompt methods' toolkit: a base class, key-query pools, the batch vote, prefix hooks.
+
+``PromptMethod`` is the skeleton L2P, DualPrompt, CODA-Prompt and samoe share over a frozen ViT:
+a cached query pass, a growing linear head, the class-masked cross-entropy minus a pull term,
+Adam through the training engine, and autocast prediction; a subclass builds its prompts and maps a
+batch to (logits, pull).
 
 A pool holds M prompts P_j ∈ R^{L×d} with keys k_j ∈ R^d (both uniform(−1, 1), as in the PyTorch
 port). A query q (the frozen model's CLS feature) picks the top-N keys by cosine similarity; with
@@ -10,11 +15,87 @@ the vote go to the lower prompt id (``ties = "lowest"``, deterministic) or, as i
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cilbench.backbones.vit import BlockHooks
+from cilbench.data.base import Batch
+from cilbench.engine import Schedule, fit
+from cilbench.features import FeatureCache
+from cilbench.method import BenchmarkInfo, Method, Task
+from cilbench.methods.common.classifiers import GrowingLinear
+from cilbench.methods.common.losses import cross_entropy, current_task_ce
+
+
+class PromptMethod(Method):
+    """Frozen ViT + prompts + growing linear head (spec methods.md §§4, 6, 7).
+
+    Config fields read: ``epochs``, ``lr``, ``batch_size``, and when present ``clip_grad`` (0 = none),
+    ``head_init`` and ``train_mask`` (True / "task": only the task's classes compete in training).
+    """
+
+    def setup(self, backbone, info: BenchmarkInfo) -> None:
+        super().setup(backbone, info)
+        self.backbone.eval().requires_grad_(False)
+        self.build(backbone, info)         # prompts first: the optimizer lists them before the head
+        self.head = GrowingLinear(backbone.embed_dim, getattr(self.cfg, "head_init", "linear")).to(self.ctx.device)
+        self.queries = FeatureCache(self.backbone)
+
+    @abc.abstractmethod
+    def build(self, backbone, info: BenchmarkInfo) -> None:
+        """Create the method's prompts (and check the config against the backbone)."""
+
+    @abc.abstractmethod
+    def forward(self, batch: Batch, task: Task | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits over the head's classes, the term subtracted from the loss or None); ``task`` is
+        None at prediction."""
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
+        masked = getattr(self.cfg, "train_mask", True) in (True, "task")
+        return current_task_ce(logits, labels, task) if masked else cross_entropy(logits, labels)
+
+    def loss(self, batch: Batch, task: Task) -> torch.Tensor:
+        logits, pull = self.forward(batch, task)
+        ce = self.task_loss(logits, batch.labels, task)
+        return ce if pull is None else ce - pull
+
+    def schedule(self) -> Schedule:
+        """Adam(0.9, 0.999), constant lr, a fresh optimizer per task (the reference codes)."""
+        c = self.cfg
+        return Schedule(c.epochs, c.lr, "adam", clip_grad=getattr(c, "clip_grad", 0.0) or 0.0)
+
+    def before_task(self, task: Task) -> None:
+        pass
+
+    def after_task(self, task: Task) -> None:
+        pass
+
+    def learn(self, task: Task) -> None:
+        self.head.grow(task.total)
+        self.before_task(task)
+        fit(self.trained(), task.train_loader(self.cfg.batch_size), lambda b: self.loss(b, task), self.schedule(),
+            self.ctx)
+        self.after_task(task)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        with self.ctx.autocast():
+            return self.forward(batch, None)[0].float()
+
+
+class PrefixHooks(BlockHooks):
+    """Per-block (key, value) prefixes for one forward, given at construction (block -> (B, 2, P, d))."""
+
+    def __init__(self, prefixes: dict[int, torch.Tensor]):
+        self.prefixes = prefixes
+
+    def attn_prefix(self, i: int, x: torch.Tensor):
+        p = self.prefixes.get(i)
+        return None if p is None else (p[:, 0], p[:, 1])
 
 
 @dataclass
