@@ -1,7 +1,8 @@
-"""`cilbench run | list | show | pretrain`."""
+"""`cilbench run | list | compare | sweep | show | pretrain`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="class-order seed (default: the benchmark's, 1993 = the papers' order); in the run name")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--data-root")
-    p.add_argument("--out", help="output root (default: results/)")
+    p.add_argument("--out", help="output root (default: runs/)")
     p.add_argument("--name", help="run folder name (default: <bench>__<method>__s<seed>)")
     p.add_argument("--eval-every", type=int)
     p.add_argument("--shots", type=int, help="few-shot protocol: N training images per class")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("compare", help="leaderboards and plots from run folders")
     p.add_argument("run_dirs", nargs="*", help="run folders, or folders of run folders")
-    p.add_argument("--results", help="folder of run folders (default: results/ when no RUN_DIRS)")
+    p.add_argument("--results", help="folder of run folders (default: runs/ when no RUN_DIRS)")
     p.add_argument("--bench", nargs="+", help="only these benchmarks")
     p.add_argument("--methods", nargs="+", help="only these methods")
     p.add_argument("--out", help="output folder (default: the results folder)")
@@ -58,6 +59,34 @@ def main(argv: list[str] | None = None) -> int:
                    help="add the papers' published numbers, labelled as such")
     p.add_argument("--split-orders", action="store_true",
                    help="one row per class order (default: a row aggregates over seeds and class orders)")
+
+    p = sub.add_parser("sweep", help="a grid of runs on this machine or a SLURM cluster, resumable")
+    p.add_argument("sweep_file", nargs="?", help="a sweep TOML (benchmarks/sweeps/*.toml); flags below override it")
+    p.add_argument("--methods", nargs="+", help="methods (space- or comma-separated)")
+    p.add_argument("--benches", nargs="+", help="benchmarks")
+    p.add_argument("--seeds", nargs="+", help="seeds (default 1993)")
+    p.add_argument("--order-seeds", nargs="+", help="class-order seeds (default: the benchmark's)")
+    p.add_argument("--set", action="append", default=[], metavar="[METHOD:]SECTION.KEY=VALUE",
+                   help="a setting for every run, or with METHOD: for that method's runs")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:SECTION.KEY=VALUE[,...]",
+                   help="a named set of settings; the grid runs each variant (its name joins the run name)")
+    p.add_argument("--online", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--shots", type=int)
+    p.add_argument("--out", help="output root of the runs (default: runs/); the sweep folder is OUT/sweeps/NAME")
+    p.add_argument("--name", help="sweep name (default: the sweep file's name, else a hash of the grid)")
+    p.add_argument("--backend", default="local", choices=["local", "debug", "slurm", "submitit-local"],
+                   help="local: parallel subprocesses; debug: in this process; slurm: submitit job array "
+                        "(pip install 'cilbench[slurm]'); submitit-local: the slurm path on this machine")
+    p.add_argument("--max-parallel", type=int, default=1, help="local: runs at once (threads split between them)")
+    p.add_argument("--retries", type=int, default=1, help="times a failed run is started again (default 1)")
+    p.add_argument("--partition", default="", help="slurm partition")
+    p.add_argument("--timeout-min", type=float, default=600, help="slurm/submitit time limit per job (minutes)")
+    p.add_argument("--gpus-per-run", type=int, default=0)
+    p.add_argument("--array-parallelism", type=int, default=16, help="slurm: array tasks running at once")
+    p.add_argument("--emit-sbatch", metavar="SCRIPT", help="write a plain SLURM array script + jobs.txt and stop")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
+    p.add_argument("--status", metavar="SWEEP_DIR", help="show the status table of a sweep (running anywhere)")
+    p.add_argument("--no-compare", action="store_true", help="skip the leaderboard at the end")
 
     p = sub.add_parser("show", help="summary of one run folder")
     p.add_argument("run_dir")
@@ -70,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return {"run": _run, "list": _list, "compare": _compare, "show": _show, "pretrain": _pretrain}[args.command](args)
+        commands = {"run": _run, "list": _list, "compare": _compare, "sweep": _sweep, "show": _show,
+                    "pretrain": _pretrain}
+        return commands[args.command](args)
     except CilbenchError as e:
         if args.debug:
             raise
@@ -96,6 +127,71 @@ def _run(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from cilbench import sweep as S
+
+    if args.status:
+        console.print(S.status_table(S.Sweep.open(Path(args.status))))
+        return 0
+    split = lambda items: [x for item in items or [] for x in item.split(",") if x]  # noqa: E731
+    name, grids = S.Grid.from_toml(Path(args.sweep_file)) if args.sweep_file else (None, [])
+    if not grids:
+        if not (args.methods and args.benches):
+            raise CilbenchError("a sweep needs methods and benchmarks",
+                                "pass a sweep file (benchmarks/sweeps/*.toml) or --methods ... --benches ...")
+        grids = [S.Grid(tuple(split(args.methods)), tuple(split(args.benches)))]
+    common, scoped = S.split_sets(args.set)
+    overrides = {k: v for k, v in dict(
+        methods=tuple(split(args.methods)), benches=tuple(split(args.benches)),
+        seeds=tuple(int(x) for x in split(args.seeds)),
+        order_seeds=tuple(int(x) for x in split(args.order_seeds)),
+        variants=S.parse_variants(args.variant) if args.variant else ()).items() if v}
+    if args.online is not None:
+        overrides["online"] = args.online
+    if args.shots is not None:
+        overrides["shots"] = args.shots
+    grids = [dataclasses.replace(g, **overrides, sets=g.sets + common, method_sets=g.method_sets + scoped)
+             for g in grids]
+    out = Path(args.out or "runs")
+    specs = S.expand(grids, out)
+    folder = out / "sweeps" / (args.name or name or S.sweep_name(grids))
+    if args.dry_run:
+        for spec in specs:
+            console.print(f"{spec.run_id}: cilbench run {' '.join(spec.argv)}", soft_wrap=True)
+        console.print(f"{len(specs)} runs; sweep folder {folder}")
+        return 0
+    sweep = S.Sweep.create(folder, out, grids, specs)
+    if args.emit_sbatch:
+        todo = sweep.pending(10**9)
+        script = S.emit_sbatch(sweep, todo, Path(args.emit_sbatch), args.partition, int(args.timeout_min),
+                               args.gpus_per_run, args.array_parallelism)
+        console.print(f"wrote {script} and {folder / 'jobs.txt'} ({len(todo)} runs not finished); "
+                      f"submit with `sbatch {script}`, follow with `cilbench sweep --status {folder}`")
+        return 0
+    slurm = dict(partition=args.partition, timeout_min=args.timeout_min, gpus_per_run=args.gpus_per_run,
+                 parallelism=args.array_parallelism)
+    interactive = console.is_terminal and sys.stdout.isatty()
+    console.print(f"sweep {folder}: {len(specs)} runs, {len(sweep.pending(1 + args.retries))} to run "
+                  f"({args.backend})")
+    try:
+        with S.Watcher(sweep, console, interactive and args.backend != "debug"):
+            counts = S.run_sweep(sweep, args.backend, max(1, args.max_parallel), args.retries,
+                                 slurm if args.backend in ("slurm", "submitit-local") else None)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]stopped:[/] no new run starts; every run is resumable: re-run the same command "
+                      f"(status: cilbench sweep --status {folder})")
+        return 130
+    console.print(S.status_table(sweep))
+    if not args.no_compare and S.aggregate(sweep) is not None:
+        console.print(f"leaderboard of the finished runs: {folder / 'leaderboard.md'}")
+    bad = {k: v for k, v in counts.items() if k != "done"}
+    if bad:
+        console.print("[red]not finished:[/] " + ", ".join(f"{n} {k}" for k, n in bad.items())
+                      + f"; logs under {folder / 'logs'}; re-run the same command to resume/retry")
+        return 1
+    return 0
+
+
 def _list(args) -> int:
     from cilbench.registry import BENCHMARKS, METHODS
 
@@ -112,7 +208,7 @@ def _list(args) -> int:
 def _compare(args) -> int:
     from cilbench.compare import find_runs, load_run, write_comparison
 
-    roots = [Path(p) for p in args.run_dirs] or [Path(args.results or "results")]
+    roots = [Path(p) for p in args.run_dirs] or [Path(args.results or "runs")]
     if args.results and args.run_dirs:
         roots.append(Path(args.results))
     runs = [load_run(p) for p in find_runs(roots)]
@@ -147,7 +243,7 @@ CONSOLE_COLUMNS = ("method", "benchmark", "seeds", "orders", "n", "status", "Ā"
 def _show(args) -> int:
     path = Path(args.run_dir)
     if not (path / "summary.json").exists():
-        raise CilbenchError(f"{path} is not a run folder (no summary.json)", "pass a folder under results/")
+        raise CilbenchError(f"{path} is not a run folder (no summary.json)", "pass a run folder (under runs/ by default)")
     config = path / "config.toml"
     if config.exists():
         import tomllib

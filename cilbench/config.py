@@ -37,7 +37,7 @@ class RunSettings:
     num_workers: int = bounded(0, 0)         # DataLoader workers for ImageFolder data
     threads: int = bounded(0, 0)             # torch CPU threads (0 = torch default)
     data_root: str = ""
-    out_root: str = "results"
+    out_root: str = "runs"      # the user's runs; results/ holds the reference runs shipped with the repo
     bad_images: Literal["fail", "skip"] = "fail"   # an unreadable image: "fail" naming it, or "skip" and list it
     shots: int = bounded(0, 0)               # few-shot protocol: N training images per class (0 = all)
     online: bool | None = None   # online protocol; unset = the benchmark's or the method's default

@@ -42,6 +42,7 @@ class RunRequest:
     shots: int | None = None
     online: bool | None = None
     order_seed: int | None = None
+    check_device: bool = True   # False: resolve a CUDA run on a machine without one (sweep listing, sbatch)
 
 
 @dataclass
@@ -84,7 +85,7 @@ def resolve(req: RunRequest) -> ResolvedRun:
         run = dataclasses.replace(run, order_seed=bench.order_seed)
     default_order = bench.order_seed
     bench = dataclasses.replace(bench, order_seed=run.order_seed)
-    if run.device == "cuda" and not torch.cuda.is_available():
+    if req.check_device and run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but CUDA is not available here", "use --device cpu")
     user_methods = user.get("methods", {})
     for name in user_methods:

@@ -61,3 +61,19 @@ def test_unknown_section_in_user_config(tmp_path):
     cfg.write_text("[trainer]\nlr = 1\n")
     with pytest.raises(ConfigError, match="unknown sections"):
         resolve(RunRequest("simplecil", "tiny-3", config_path=str(cfg)))
+
+
+def test_every_shipped_benchmark_resolves_for_every_method():
+    """The settings the benchmark files give each method are settings it has (a renamed or removed
+    field would otherwise surface only when someone runs that benchmark)."""
+    from cilbench.benchmark import REPO_BENCHMARKS, parse_benchmark_file
+    from cilbench.registry import METHODS
+    from cilbench.runner import RunRequest, resolve
+
+    checked = 0
+    for path in sorted(REPO_BENCHMARKS.glob("*.toml")):
+        for spec in parse_benchmark_file(path):
+            for method in METHODS.names():
+                resolve(RunRequest(method, spec.name, check_device=False))
+                checked += 1
+    assert checked >= 10 * 20

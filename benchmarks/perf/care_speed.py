@@ -185,7 +185,7 @@ def main() -> None:
                    help="dispatch paths to measure (dense at large T takes minutes on a CPU)")
     p.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--out", default="results/perf")
+    p.add_argument("--out", default="runs/perf", help="default runs/perf; results/perf holds the reference tables")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--out", default="results/perf")
+    p.add_argument("--out", default="runs/perf", help="default runs/perf; results/perf holds the reference tables")
     a = p.parse_args()
     torch.manual_seed(0)
     rows = []
