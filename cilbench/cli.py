@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="local: parallel subprocesses; debug: in this process; slurm: submitit job array "
                         "(pip install 'cilbench[slurm]'); submitit-local: the slurm path on this machine")
     p.add_argument("--max-parallel", type=int, default=1, help="local: runs at once (threads split between them)")
-    p.add_argument("--retries", type=int, default=1, help="times a failed run is started again (default 1)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="times a failed run is started again (default 1; an interrupted run always resumes)")
     p.add_argument("--partition", default="", help="slurm partition")
     p.add_argument("--timeout-min", type=float, default=600, help="slurm/submitit time limit per job (minutes)")
     p.add_argument("--gpus-per-run", type=int, default=0)
@@ -171,7 +172,7 @@ def _sweep(args) -> int:
     slurm = dict(partition=args.partition, timeout_min=args.timeout_min, gpus_per_run=args.gpus_per_run,
                  parallelism=args.array_parallelism)
     interactive = console.is_terminal and sys.stdout.isatty()
-    console.print(f"sweep {folder}: {len(specs)} runs, {len(sweep.pending(1 + args.retries))} to run "
+    console.print(f"sweep {folder}: {len(specs)} runs, {len(sweep.pending(args.retries))} to run "
                   f"({args.backend})")
     try:
         with S.Watcher(sweep, console, interactive and args.backend != "debug"):

@@ -6,12 +6,14 @@ or in this one (``debug``, for pdb): the same code path as a single run; no mode
 boundary. The sweep folder (``<out>/sweeps/<name>``) holds
 
 - ``manifest.json``: the grid and, per run, its id, `cilbench run` arguments and folder;
-- ``status.csv``: run id, state, attempts, last task, wall s, job id, error, log (rewritten atomically);
+- ``status.csv``: run id, state, attempts, failures, last task, wall s, job id, error, log (written
+  atomically);
 - ``logs/<run id>.<attempt>.log``: each attempt's output;
 - ``leaderboard.*`` and ``plots/``: the aggregate over the finished runs (``compare``).
 
 Re-running the same sweep skips finished runs, resumes unfinished ones from their per-task checkpoints
-and retries failed ones while their attempts stay within ``1 + retries``. One failing run never stops
+and retries a failed one while its failures stay within ``1 + retries`` (an interrupted attempt is no
+failure: it resumes). One failing run never stops
 the others; Ctrl-C stops launching and leaves every run resumable.
 """
 from __future__ import annotations
@@ -36,7 +38,8 @@ from cilbench.errors import CilbenchError, ConfigError
 from cilbench.ioutil import atomic_write_json, atomic_write_text
 from cilbench.results import RunDir
 
-STATUS_FIELDS = ("run_id", "state", "attempts", "last_task", "n_tasks", "wall_s", "job_id", "error", "log")
+STATUS_FIELDS = ("run_id", "state", "attempts", "failures", "last_task", "n_tasks", "wall_s", "job_id", "error",
+                 "log")
 SWEEP_KEYS = {"name", "methods", "benches", "seeds", "order_seeds", "set", "method_set", "variants", "online", "shots"}
 
 
@@ -95,7 +98,8 @@ class RunSpec:
 class RunStatus:
     run_id: str
     state: str = "queued"        # queued | running | done | failed | interrupted
-    attempts: int = 0
+    attempts: int = 0            # processes started for it
+    failures: int = 0            # attempts that failed (not interrupted)
     last_task: int = 0
     n_tasks: int = 0
     wall_s: float = 0.0
@@ -184,7 +188,8 @@ class Sweep:
         for row in csv.DictReader(io.StringIO(path.read_text())):
             if row["run_id"] in self.status:
                 self.status[row["run_id"]] = RunStatus(
-                    row["run_id"], row["state"], int(row["attempts"]), int(row["last_task"]), int(row["n_tasks"]),
+                    row["run_id"], row["state"], int(row["attempts"]), int(row["failures"]), int(row["last_task"]),
+                    int(row["n_tasks"]),
                     float(row["wall_s"]), row["job_id"], row["error"], row["log"])
 
     def refresh(self) -> None:
@@ -208,9 +213,10 @@ class Sweep:
                 w.writerow({k: v for k, v in asdict(self.status[s.run_id]).items()})
             atomic_write_text(self.folder / "status.csv", buf.getvalue())
 
-    def pending(self, max_attempts: int) -> list[RunSpec]:
+    def pending(self, retries: int) -> list[RunSpec]:
+        """The runs left: not done, and failed at most ``retries`` times."""
         return [s for s in self.specs if self.status[s.run_id].state != "done"
-                and self.status[s.run_id].attempts < max_attempts]
+                and self.status[s.run_id].failures <= retries]
 
     def update(self, run_id: str, **changes) -> None:
         with self.lock:
@@ -222,11 +228,11 @@ class Sweep:
 
 
 # ---- backends --------------------------------------------------------------------------------
-def run_local(sweep: Sweep, specs: list[RunSpec], max_parallel: int, max_attempts: int,
+def run_local(sweep: Sweep, specs: list[RunSpec], max_parallel: int, retries: int,
               stop: threading.Event) -> None:
     """``max_parallel`` runs at a time, each a `cilbench run` subprocess with cores / max_parallel
     torch threads (``OMP_NUM_THREADS``; a run's own ``run.threads`` wins), so the machine is not
-    oversubscribed; a failed run is retried at once while it has attempts left. GPUs, when there are
+    oversubscribed; a failed run is retried at once while it has failed at most ``retries`` times. GPUs, when there are
     several, are shared out round-robin."""
     gpus = _gpu_count()
     env = {"OMP_NUM_THREADS": str(default_threads(max_parallel))}
@@ -253,8 +259,9 @@ def run_local(sweep: Sweep, specs: list[RunSpec], max_parallel: int, max_attempt
             error = _last_error(log)
             interrupted = stop.is_set() or code in (-2, 130) or error.startswith("error: interrupted")
             state = "interrupted" if interrupted else "failed"
-            sweep.update(spec.run_id, state=state, wall_s=round(wall, 1), error=error)
-            if state == "interrupted" or attempt >= max_attempts:
+            failures = sweep.status[spec.run_id].failures + (state == "failed")
+            sweep.update(spec.run_id, state=state, wall_s=round(wall, 1), error=error, failures=failures)
+            if state == "interrupted" or failures > retries:
                 return
 
     with ThreadPoolExecutor(max_parallel) as pool:
@@ -271,7 +278,7 @@ def run_local(sweep: Sweep, specs: list[RunSpec], max_parallel: int, max_attempt
             raise
 
 
-def run_debug(sweep: Sweep, specs: list[RunSpec], max_attempts: int) -> None:
+def run_debug(sweep: Sweep, specs: list[RunSpec]) -> None:
     """In this process, one after another, exceptions raised (so pdb can catch them)."""
     from cilbench.cli import main
 
@@ -285,7 +292,7 @@ def run_debug(sweep: Sweep, specs: list[RunSpec], max_attempts: int) -> None:
             sweep.update(spec.run_id, state="interrupted")
             raise
         sweep.refresh()
-        sweep.update(spec.run_id, state="done" if code == 0 else "failed",
+        sweep.update(spec.run_id, state="done" if code == 0 else "failed", failures=st.failures + (code != 0),
                      wall_s=round(st.wall_s + time.time() - t0, 1))
 
 
@@ -405,24 +412,23 @@ def aggregate(sweep: Sweep):
 def run_sweep(sweep: Sweep, backend: str, max_parallel: int, retries: int,
               slurm: dict | None = None, on_start: Callable[[], None] | None = None) -> dict[str, int]:
     """Run what is left of ``sweep`` on ``backend``; returns the count of runs per final state."""
-    max_attempts = 1 + retries
     for st in sweep.status.values():       # a previous sweep process that died left these "running"
         if st.state == "running" and backend != "status":
             st.state = "interrupted"
     sweep.save()
-    todo = sweep.pending(max_attempts)
+    todo = sweep.pending(retries)
     if on_start:
         on_start()
     stop = threading.Event()
     try:
         if backend == "local":
-            run_local(sweep, todo, max_parallel, max_attempts, stop)
+            run_local(sweep, todo, max_parallel, retries, stop)
         elif backend == "debug":
-            run_debug(sweep, todo, max_attempts)
+            run_debug(sweep, todo)
         elif backend in ("slurm", "submitit-local"):
             from cilbench.sweep_submitit import run_submitit
 
-            run_submitit(sweep, todo, backend, max_attempts, **(slurm or {}))
+            run_submitit(sweep, todo, backend, retries, **(slurm or {}))
         else:
             raise ConfigError(f"unknown backend {backend!r}", "use local, debug, slurm or submitit-local")
     finally:

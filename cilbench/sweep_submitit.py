@@ -33,11 +33,11 @@ class RunJob(submitit.helpers.Checkpointable):
         return code
 
 
-def run_submitit(sweep: Sweep, specs: list[RunSpec], backend: str, max_attempts: int, partition: str = "",
+def run_submitit(sweep: Sweep, specs: list[RunSpec], backend: str, retries: int, partition: str = "",
                  timeout_min: float = 600, gpus_per_run: int = 0, parallelism: int = 16, cpus_per_run: int = 0,
                  max_num_timeout: int = 10, signal_delay_s: int = 120, poll_s: float = 2.0) -> None:
     """Submit ``specs`` as one array and wait, recording job ids and final states. A failed run is
-    submitted again (a new array of the failed ones) while it has attempts left."""
+    submitted again (a new array of the failed ones) while it has failed at most ``retries`` times."""
     folder = sweep.folder / "submitit" / "%j"
     if backend == "slurm":
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_num_timeout)
@@ -72,8 +72,9 @@ def run_submitit(sweep: Sweep, specs: list[RunSpec], backend: str, max_attempts:
                 job.result()
                 sweep.update(spec.run_id, state="done", wall_s=wall)
             except Exception as e:  # noqa: BLE001 - a failed job's exception, with its log
-                sweep.update(spec.run_id, state="failed", wall_s=wall, error=str(e).strip().splitlines()[-1][:200])
-                if st.attempts < max_attempts:
+                sweep.update(spec.run_id, state="failed", wall_s=wall, failures=st.failures + 1,
+                             error=str(e).strip().splitlines()[-1][:200])
+                if st.failures + 1 <= retries:
                     retry.append(spec)
         sweep.refresh()
         specs = retry

@@ -88,6 +88,26 @@ def test_a_killed_sweep_resumes_without_repeating_a_finished_run(tmp_path, refer
         pd.testing.assert_frame_equal(hits(out / run), hits(reference / run))
 
 
+def test_ctrl_c_stops_launching_and_leaves_every_run_resumable(tmp_path):
+    out = tmp_path / "runs"
+    args = ["sweep", "--methods", "finetune", "--benches", "tiny-6", "--seeds", "1,2", "--set", "run.threads=1",
+            "--set", "method.epochs=40", "--out", str(out), "--name", "i"]
+    proc = subprocess.Popen([sys.executable, "-m", "cilbench.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    events = out / "tiny-6__finetune__s1" / "events.jsonl"
+    deadline = time.time() + 120
+    while not (events.exists() and events.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)               # Ctrl-C reaches the sweep and its run
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "every run is resumable" in output
+    rows = {r["run_id"]: r for r in csv.DictReader((out / "sweeps" / "i" / "status.csv").open())}
+    assert rows["tiny-6__finetune__s1"]["state"] == "interrupted" and rows["tiny-6__finetune__s1"]["failures"] == "0"
+    assert rows["tiny-6__finetune__s2"]["state"] == "queued" and rows["tiny-6__finetune__s2"]["attempts"] == "0"
+    assert cli(*args).returncode == 0                # the same command finishes both
+    assert "resumed after task" in (out / "tiny-6__finetune__s1" / "log.txt").read_text()
+
+
 def test_a_failed_run_is_retried_reported_and_does_not_stop_the_others(tmp_path):
     out = tmp_path / "runs"
     args = ["sweep", "--methods", "simplecil", "--benches", "tiny-3,tiny-6", "--out", str(out), "--name", "f",
@@ -100,7 +120,8 @@ def test_a_failed_run_is_retried_reported_and_does_not_stop_the_others(tmp_path)
     rows = {r["run_id"]: r for r in csv.DictReader((out / "sweeps" / "f" / "status.csv").open())}
     assert rows["tiny-3__simplecil__s1993"]["state"] == "done"
     bad = rows["tiny-6__simplecil__s1993"]
-    assert bad["state"] == "failed" and bad["attempts"] == "2" and bad["error"].startswith("error:")
+    assert bad["state"] == "failed" and bad["attempts"] == bad["failures"] == "2"
+    assert bad["error"].startswith("error:")
     assert Path(bad["log"]).exists()
     status = cli("sweep", "--status", str(out / "sweeps" / "f"))
     assert "failed" in status.stdout and "1 done" in status.stdout
