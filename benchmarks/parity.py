@@ -1,6 +1,6 @@
 """Re-run stored runs with the current code and compare their per-cell counts, bit for bit.
 
-    python benchmarks/parity.py results/runs/short/synth-10__*          # every stored synth-10 run
+    python benchmarks/parity.py results/runs/readme/synth-10__*          # every stored synth-10 run
     python benchmarks/parity.py --jobs 2 --set method.lr=0.1 RUN_DIR    # with a change on top
 
 Each run is rebuilt from its stored ``config.toml`` (every method and run setting passed explicitly, so

@@ -3,7 +3,8 @@
     python benchmarks/readme_tables.py            # rewrite README.md (and results/leaderboard.*)
     python benchmarks/readme_tables.py --check    # exit 1 if README.md is out of date (writes nothing)
 
-- The results table: `cilbench compare results/runs/short results/runs/synth-301 --out results`, trimmed
+- The results table: `cilbench compare results/runs/readme --out results` (the runs of
+  `benchmarks/sweeps/readme.toml`, whose `after` runs this script), trimmed
   to a few columns, plus the run folder(s) behind each row and the code version that made them. Every
   metric is recomputed from the stored matrices (``cilbench.compare``).
 - The bad-input table: `python -m tests.test_reliability` (each bad input and the two lines it prints).
@@ -24,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RUNS = [REPO / "results" / "runs" / "short", REPO / "results" / "runs" / "synth-301"]
+RUNS = [REPO / "results" / "runs" / "readme"]
 COLUMNS = ["method", "benchmark", "Ā", "last acc", "forgetting (PILOT)", "forgetting (Chaudhry)", "added params",
            "train s", "eval s"]
 

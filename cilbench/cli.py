@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -135,7 +136,8 @@ def _sweep(args) -> int:
         console.print(S.status_table(S.Sweep.open(Path(args.status))))
         return 0
     split = lambda items: [x for item in items or [] for x in item.split(",") if x]  # noqa: E731
-    name, grids = S.Grid.from_toml(Path(args.sweep_file)) if args.sweep_file else (None, [])
+    file = S.Grid.from_toml(Path(args.sweep_file)) if args.sweep_file else S.SweepFile("", [])
+    grids = file.grids
     if not grids:
         if not (args.methods and args.benches):
             raise CilbenchError("a sweep needs methods and benchmarks",
@@ -153,9 +155,9 @@ def _sweep(args) -> int:
         overrides["shots"] = args.shots
     grids = [dataclasses.replace(g, **overrides, sets=g.sets + common, method_sets=g.method_sets + scoped)
              for g in grids]
-    out = Path(args.out or "runs")
+    out = Path(args.out) if args.out else (file.out or Path("runs"))
     specs = S.expand(grids, out)
-    folder = out / "sweeps" / (args.name or name or S.sweep_name(grids))
+    folder = out / "sweeps" / (args.name or file.name or S.sweep_name(grids))
     if args.dry_run:
         for spec in specs:
             console.print(f"{spec.run_id}: cilbench run {' '.join(spec.argv)}", soft_wrap=True)
@@ -190,6 +192,9 @@ def _sweep(args) -> int:
         console.print("[red]not finished:[/] " + ", ".join(f"{n} {k}" for k, n in bad.items())
                       + f"; logs under {folder / 'logs'}; re-run the same command to resume/retry")
         return 1
+    if file.after:
+        console.print(f"every run is done; running {' '.join(file.after)}")
+        return subprocess.run(list(file.after)).returncode
     return 0
 
 

@@ -36,7 +36,8 @@ class RunDir:
             return "finished"
         return "unfinished"
 
-    def prepare(self, config: dict[str, Any], force: bool, removed: dict[str, Any] | None = None) -> bool:
+    def prepare(self, config: dict[str, Any], force: bool, removed: dict[str, Any] | None = None,
+                added: dict[str, Any] | None = None) -> bool:
         """Create or reopen the folder; returns True when an unfinished run should be resumed.
         ``removed``: method settings that no longer exist, with the stored value that means what the
         current code does (``Method.removed_settings``)."""
@@ -58,16 +59,28 @@ class RunDir:
             raise CilbenchError(f"cannot write to {self.path}: {e.strerror}",
                                 "choose a writable folder with --out or [output] root") from e
         if state == "unfinished" and (self.path / "config.toml").exists():
-            old = tomllib.loads((self.path / "config.toml").read_text())
-            kept = {k: v for k, v in old.get("method_config", {}).items()
-                    if k not in (removed or {}) or removed[k] != v}
-            old = {**old, "method_config": kept} if "method_config" in old else old
-            if old != _without_added_settings(config, old):
+            if not self.holds(config, removed, added):
                 raise CilbenchError(f"{self.path} holds an unfinished run with a different configuration",
                                     "resume with the same settings, or pass --force to start over")
             return (self.path / CHECKPOINT).exists()
         atomic_write_text(self.path / "config.toml", tomli_w.dumps(config))
         return False
+
+    def holds(self, config: dict[str, Any], removed: dict[str, Any] | None = None,
+              added: dict[str, Any] | None = None) -> bool:
+        """Whether the folder's run was made with ``config``: where files live aside, settings added
+        since (run settings, and the method's ``added``) at the value that reproduces the old
+        behaviour, and ``removed`` method settings at the stored value that means what the code does."""
+        path = self.path / "config.toml"
+        if not path.exists():
+            return False
+        old = tomllib.loads(path.read_text())
+        new = _without_added_settings(config, old)
+        if "method_config" in new:
+            stored = old.get("method_config", {})
+            new = {**new, "method_config": {k: v for k, v in new["method_config"].items() if k in stored
+                                            or k not in (added or {}) or added[k] != v}}
+        return _comparable(old, removed or {}) == _comparable(new, {})
 
     def prune_temporaries(self) -> None:
         """Temporary files of writes a crash cut short (the renamed files are intact)."""
@@ -153,6 +166,15 @@ def _without_added_settings(config: dict[str, Any], old: dict[str, Any]) -> dict
         if isinstance(out.get(section), dict):
             out[section] = {k: v for k, v in out[section].items()
                             if k in old.get(section, {}) or k not in added or added[k] != v}
+    return out
+
+
+def _comparable(config: dict[str, Any], removed: dict[str, Any]) -> dict[str, Any]:
+    out = dict(config)
+    if "method_config" in out:
+        out["method_config"] = {k: v for k, v in out["method_config"].items() if k not in removed or removed[k] != v}
+    if "run" in out:
+        out["run"] = {k: v for k, v in out["run"].items() if k not in ("out_root", "data_root")}
     return out
 
 

@@ -171,7 +171,8 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
     if resume_only and state != "unfinished":
         raise CilbenchError(f"--resume: {rd.path} holds no unfinished run (it is {state})",
                             "drop --resume to start a new run, or check --out and --name")
-    resume = rd.prepare(resolved.as_toml_dict(), force=force, removed=resolved.method_cls.removed_settings)
+    resume = rd.prepare(resolved.as_toml_dict(), force=force, removed=resolved.method_cls.removed_settings,
+                        added=resolved.method_cls.added_settings)
     device = torch.device(run.device)
     seed_everything(run.seed)
     train, test = load_splits(bench.dataset, Path(run.data_root) if run.data_root else None, run.bad_images)

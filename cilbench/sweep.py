@@ -30,7 +30,7 @@ import threading
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -60,16 +60,18 @@ class Grid:
     method_sets: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @classmethod
-    def from_toml(cls, path: Path) -> tuple[str, list["Grid"]]:
-        """(sweep name, grids) from a sweep file (``benchmarks/sweeps/*.toml``): the top-level keys are
-        one grid, or the defaults of each ``[[grid]]`` table (the runs are their union)."""
+    def from_toml(cls, path: Path) -> "SweepFile":
+        """A sweep file (``benchmarks/sweeps/*.toml``): ``name``, ``out`` (the runs' output root) and
+        ``after`` (a command run once every run is done) aside, the top-level keys are one grid, or
+        the defaults of each ``[[grid]]`` table (the runs are their union)."""
         try:
             doc = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read sweep file {path}: {e}", "pass a TOML file like benchmarks/sweeps/*.toml")
         tables = doc.pop("grid", None) or [{}]
-        name = doc.pop("name", Path(path).stem)
-        return name, [cls.from_dict(f"{path} grid {i + 1}", {**doc, **t}) for i, t in enumerate(tables)]
+        name, out, after = doc.pop("name", Path(path).stem), doc.pop("out", None), doc.pop("after", [])
+        grids = [cls.from_dict(f"{path} grid {i + 1}", {**doc, **t}) for i, t in enumerate(tables)]
+        return SweepFile(name, grids, Path(out) if out else None, tuple(after))
 
     @classmethod
     def from_dict(cls, where: str, doc: dict) -> "Grid":
@@ -85,10 +87,21 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class SweepFile:
+    name: str
+    grids: list[Grid]
+    out: Path | None = None              # the runs' output root (--out wins)
+    after: tuple[str, ...] = ()          # a command run once every run is done (e.g. a report)
+
+
+@dataclass(frozen=True)
 class RunSpec:
     run_id: str                  # the run folder's name under the output root
     argv: tuple[str, ...]        # `cilbench run` arguments
     n_tasks: int
+    config: dict | None = field(default=None, compare=False)   # what the run records (None: read back)
+    removed: dict | None = field(default=None, compare=False)  # its method's removed_settings
+    added: dict | None = field(default=None, compare=False)    # and added_settings
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "cilbench.cli", "run", *self.argv]
@@ -130,7 +143,8 @@ def _expand(grid: Grid, out: Path) -> list[RunSpec]:
                         sets = [*grid.sets, *(x for m, v in grid.method_sets if m == method for x in v), *extra]
                         req = RunRequest(method, bench, seed=seed, out=str(out), sets=sets, online=grid.online,
                                          shots=grid.shots, order_seed=order, check_device=False)
-                        name = resolve(req).run_dir.name + (f"__{variant}" if variant else "")
+                        resolved = resolve(req)
+                        name = resolved.run_dir.name + (f"__{variant}" if variant else "")
                         argv = ["--method", method, "--bench", bench, "--seed", str(seed), "--out", str(out),
                                 "--name", name]
                         argv += [f"--order-seed={order}"] * (order is not None)
@@ -138,7 +152,9 @@ def _expand(grid: Grid, out: Path) -> list[RunSpec]:
                         argv += [f"--shots={grid.shots}"] * (grid.shots is not None)
                         for s in sets:
                             argv += ["--set", s]
-                        specs.append(RunSpec(name, tuple(argv), len(resolve(req).bench.splits)))
+                        specs.append(RunSpec(name, tuple(argv), len(resolved.bench.splits), resolved.as_toml_dict(),
+                                             resolved.method_cls.removed_settings,
+                                             resolved.method_cls.added_settings))
     return specs
 
 
@@ -193,15 +209,19 @@ class Sweep:
                     float(row["wall_s"]), row["job_id"], row["error"], row["log"])
 
     def refresh(self) -> None:
-        """Tasks done and finished runs, from the run folders (the source of truth)."""
+        """Tasks done and finished runs, from the run folders (the source of truth). A finished run
+        made with other settings than the grid's is a ``conflict``: never counted, never overwritten."""
         with self.lock:
             for s in self.specs:
                 st, rd = self.status[s.run_id], RunDir(self.out / s.run_id)
                 events = rd.path / "events.jsonl"
                 st.last_task = sum(1 for line in events.read_text().splitlines() if line.strip()) if events.exists() else 0
                 if rd.status() == "finished":
-                    st.state, st.error = "done", ""
-                elif st.state == "done":          # the folder was removed since
+                    if s.config is None or rd.holds(s.config, s.removed, s.added):
+                        st.state, st.error = "done", ""
+                    else:
+                        st.state, st.error = "conflict", "error: the folder holds a finished run with other settings"
+                elif st.state in ("done", "conflict"):          # the folder was removed since
                     st.state = "queued"
 
     def save(self) -> None:
@@ -215,7 +235,7 @@ class Sweep:
 
     def pending(self, retries: int) -> list[RunSpec]:
         """The runs left: not done, and failed at most ``retries`` times."""
-        return [s for s in self.specs if self.status[s.run_id].state != "done"
+        return [s for s in self.specs if self.status[s.run_id].state not in ("done", "conflict")
                 and self.status[s.run_id].failures <= retries]
 
     def update(self, run_id: str, **changes) -> None:
@@ -351,7 +371,7 @@ def status_table(sweep: Sweep):
     for st in sweep.status.values():
         counts[st.state] = counts.get(st.state, 0) + 1
     table = Table(title=f"sweep {sweep.folder.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    colours = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow"}
+    colours = {"done": "green", "running": "cyan", "failed": "red", "conflict": "red", "interrupted": "yellow"}
     for h in HEADER:
         table.add_column(h, no_wrap=h in ("run", "state"))
     for row in status_rows(sweep):

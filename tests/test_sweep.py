@@ -149,9 +149,9 @@ def test_a_sweep_file_with_grids_variants_and_method_settings(tmp_path):
     sweep.write_text('name = "x"\nseeds = [1, 2]\n[[grid]]\nmethods = ["simplecil"]\nbenches = ["tiny-3"]\n'
                      '[[grid]]\nmethods = ["l2p"]\nbenches = ["tiny-3"]\nvariants = { short = ["method.epochs=1"] }\n'
                      'method_set = { l2p = ["method.lr=0.01"] }\n')
-    name, grids = Grid.from_toml(sweep)
-    specs = expand(grids, tmp_path)
-    assert name == "x" and [s.run_id for s in specs] == [
+    file = Grid.from_toml(sweep)
+    specs = expand(file.grids, tmp_path)
+    assert file.name == "x" and [s.run_id for s in specs] == [
         "tiny-3__simplecil__s1", "tiny-3__simplecil__s2", "tiny-3__l2p__s1__short", "tiny-3__l2p__s2__short"]
     assert ["--set", "method.lr=0.01"] == list(specs[2].argv[-4:-2]) and specs[2].argv[-1] == "method.epochs=1"
     sweep.write_text('methods = ["simplecil"]\nbenches = ["tiny-3"]\nseedz = [1]\n')
@@ -165,8 +165,8 @@ def test_the_shipped_sweep_files_expand(tmp_path):
     repo = Path(__file__).resolve().parent.parent / "benchmarks" / "sweeps"
     sizes = {}
     for path in sorted(repo.glob("*.toml")):
-        name, grids = Grid.from_toml(path)
-        sizes[name] = len(expand(grids, tmp_path))
+        file = Grid.from_toml(path)
+        sizes[file.name] = len(expand(file.grids, tmp_path))
     assert sizes == {"care-table1": 5 * 4, "readme": 34}
 
 
@@ -187,3 +187,18 @@ def test_submitit_requeues_a_timed_out_run_and_it_finishes_with_the_same_matrix(
     run = out / "tiny-6__finetune__s1993"
     assert "resumed after task" in (run / "log.txt").read_text()                  # it was requeued
     pd.testing.assert_frame_equal(hits(run), hits(tmp_path / "ref" / "tiny-6__finetune__s1993"))
+
+
+def test_a_sweep_file_runs_its_after_command_and_never_counts_a_run_made_otherwise(tmp_path):
+    sweep = tmp_path / "s.toml"
+    after = 'after = ["python", "-c", "open(\'after.txt\', \'w\').write(\'ok\')"]\n'
+    grid = 'methods = ["simplecil"]\nbenches = ["tiny-3"]\nset = ["run.threads=1"]\nout = "runs"\n'
+    sweep.write_text('name = "a"\n' + after + grid)
+    assert cli("sweep", str(sweep), "--backend", "debug", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "after.txt").read_text() == "ok"                 # every run done: the report ran
+    (tmp_path / "after.txt").unlink()
+    sweep.write_text('name = "b"\n' + after + grid.replace('"run.threads=1"', '"run.threads=1", "method.batch_size=64"'))
+    proc = cli("sweep", str(sweep), "--backend", "debug", cwd=tmp_path)
+    assert proc.returncode == 1 and not (tmp_path / "after.txt").exists()
+    row = next(csv.DictReader((tmp_path / "runs" / "sweeps" / "b" / "status.csv").open()))
+    assert row["state"] == "conflict" and row["attempts"] == "0"        # the batch-128 run is not counted
