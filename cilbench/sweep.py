@@ -192,7 +192,8 @@ class Sweep:
             raise CilbenchError(f"{folder} is not a sweep folder (no manifest.json)",
                                 "pass the folder `cilbench sweep` printed (<out>/sweeps/<name>)")
         m = json.loads(path.read_text())
-        sweep = cls(folder, Path(m["out"]), [RunSpec(r["run_id"], tuple(r["argv"]), r["n_tasks"]) for r in m["runs"]])
+        out = Path(folder).parent.parent          # a sweep folder is <out>/sweeps/<name>, wherever it is read from
+        sweep = cls(folder, out, [RunSpec(r["run_id"], tuple(r["argv"]), r["n_tasks"]) for r in m["runs"]])
         sweep._read_status()
         sweep.refresh()
         return sweep

@@ -123,7 +123,7 @@ def test_a_failed_run_is_retried_reported_and_does_not_stop_the_others(tmp_path)
     assert bad["state"] == "failed" and bad["attempts"] == bad["failures"] == "2"
     assert bad["error"].startswith("error:")
     assert Path(bad["log"]).exists()
-    status = cli("sweep", "--status", str(out / "sweeps" / "f"))
+    status = cli("sweep", "--status", str((out / "sweeps" / "f").resolve()), cwd="/")   # from anywhere
     assert "failed" in status.stdout and "1 done" in status.stdout
 
 
