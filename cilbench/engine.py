@@ -76,12 +76,14 @@ def fit(params: Params | Callable[[Batch], Params], loader: Iterable[Batch],
     steps_per_batch = steps_per_batch or 1
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == "fp16" and ctx.device.type == "cuda")
     result, sched = FitResult(optimizer), None
+    clipped = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
     for epoch in range(passes):
         total, seen = 0.0, 0
         for batch in loader:
             batch = batch.to(ctx.device)
             if result.optimizer is None:
                 result.optimizer = schedule.optimizer_for(params(batch) if callable(params) else params)
+                clipped = [p for g in result.optimizer.param_groups for p in g["params"]]
                 sched = schedule.scheduler_for(result.optimizer, passes, len(loader) * steps_per_batch)  # type: ignore[arg-type]
             opt = result.optimizer
             for _ in range(steps_per_batch):
@@ -92,8 +94,7 @@ def fit(params: Params | Callable[[Batch], Params], loader: Iterable[Batch],
                 scaler.scale(loss).backward()
                 if schedule.clip_grad > 0:
                     scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
-                                                   schedule.clip_grad)
+                    torch.nn.utils.clip_grad_norm_(clipped, schedule.clip_grad)
                 scaler.step(opt)
                 scaler.update()
                 result.steps += 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import shlex
@@ -135,26 +136,22 @@ def _expand(grid: Grid, out: Path) -> list[RunSpec]:
     from cilbench.runner import RunRequest, resolve
 
     specs = []
-    for bench in grid.benches:
-        for method in grid.methods:
-            for variant, extra in grid.variants:
-                for order in grid.order_seeds:
-                    for seed in grid.seeds:
-                        sets = [*grid.sets, *(x for m, v in grid.method_sets if m == method for x in v), *extra]
-                        req = RunRequest(method, bench, seed=seed, out=str(out), sets=sets, online=grid.online,
-                                         shots=grid.shots, order_seed=order, check_device=False)
-                        resolved = resolve(req)
-                        name = resolved.run_dir.name + (f"__{variant}" if variant else "")
-                        argv = ["--method", method, "--bench", bench, "--seed", str(seed), "--out", str(out),
-                                "--name", name]
-                        argv += [f"--order-seed={order}"] * (order is not None)
-                        argv += ["--online" if grid.online else "--no-online"] * (grid.online is not None)
-                        argv += [f"--shots={grid.shots}"] * (grid.shots is not None)
-                        for s in sets:
-                            argv += ["--set", s]
-                        specs.append(RunSpec(name, tuple(argv), len(resolved.bench.splits), resolved.as_toml_dict(),
-                                             resolved.method_cls.removed_settings,
-                                             resolved.method_cls.added_settings))
+    for bench, method, (variant, extra), order, seed in itertools.product(
+            grid.benches, grid.methods, grid.variants, grid.order_seeds, grid.seeds):
+        sets = [*grid.sets, *(x for m, v in grid.method_sets if m == method for x in v), *extra]
+        req = RunRequest(method, bench, seed=seed, out=str(out), sets=sets, online=grid.online, shots=grid.shots,
+                         order_seed=order, check_device=False)
+        resolved = resolve(req)
+        name = resolved.run_dir.name + (f"__{variant}" if variant else "")
+        argv = ["--method", method, "--bench", bench, "--seed", str(seed), "--out", str(out), "--name", name]
+        argv += [f"--order-seed={order}"] * (order is not None)
+        argv += ["--online" if grid.online else "--no-online"] * (grid.online is not None)
+        argv += [f"--shots={grid.shots}"] * (grid.shots is not None)
+        for s in sets:
+            argv += ["--set", s]
+        cls = resolved.method_cls
+        specs.append(RunSpec(name, tuple(argv), len(resolved.bench.splits), resolved.as_toml_dict(),
+                             cls.removed_settings, cls.added_settings))
     return specs
 
 
