@@ -158,13 +158,15 @@ class Method(abc.ABC):
     removed_settings: ClassVar[dict[str, Any]] = {}
     takes_gradient_steps: ClassVar[bool] = True   # False: run.online_iters has nothing to act on
     mixed_precision: ClassVar[bool] = True        # autocast in training and prediction under run.precision
+    streams_online: ClassVar[bool] = False        # True: under --online, one pass whatever its epochs (rwf, samoe)
+    # Plain attributes (ints, lists, optimizers) saved by the default ``state_dict`` beside the
+    # discovered modules; an object with ``state_dict``/``load_state_dict`` is saved through them.
+    state_attrs: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def table_tags(cls, settings: dict[str, Any]) -> list[str]:
         """The tags of ``flagged_settings`` that ``settings`` (a Config as a dict) turns on."""
         return [tag for key, tag in cls.flagged_settings.items() if settings.get(key)]
-
-    streams_online: ClassVar[bool] = False   # True: under --online, one pass whatever its epochs (rwf, samoe)
 
     @classmethod
     def online_passes(cls, cfg: Any) -> int:
@@ -192,10 +194,6 @@ class Method(abc.ABC):
             errors.append((f"{cls.name} does not run under mixed precision, so run.precision={precision} would "
                            "do nothing", "use run.precision=fp32"))
         return errors
-
-    # Plain attributes (ints, lists, optimizers) saved by the default ``state_dict`` beside the
-    # discovered modules; an object with ``state_dict``/``load_state_dict`` is saved through them.
-    state_attrs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any, ctx: RunContext):
         self.cfg, self.ctx = cfg, ctx
@@ -247,8 +245,9 @@ class Method(abc.ABC):
         return list(out.values())
 
     def trained(self) -> list[nn.Parameter]:
-        """Every parameter that is not frozen, in the order the method created them."""
-        return [p for m in self.modules().values() for p in m.parameters() if p.requires_grad]
+        """Every parameter that is not frozen, once, in the order the method created them."""
+        params = {id(p): p for m in self.modules().values() for p in m.parameters() if p.requires_grad}
+        return list(params.values())
 
     def cost(self, updated: set[int] = frozenset()) -> ParamCost:
         """Parameter counts; ``updated`` holds the ids of the parameters an optimizer stepped in the
