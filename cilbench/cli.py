@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="local", choices=["local", "debug", "slurm", "submitit-local"],
                    help="local: parallel subprocesses; debug: in this process; slurm: submitit job array "
                         "(pip install 'cilbench[slurm]'); submitit-local: the slurm path on this machine")
-    p.add_argument("--max-parallel", type=int, default=1, help="local: runs at once (threads split between them)")
+    p.add_argument("--max-parallel", type=int, help="local: runs at once (default 1; threads split between them)")
     p.add_argument("--retries", type=int, default=1,
                    help="times a failed run is started again (default 1; an interrupted run always resumes)")
-    p.add_argument("--partition", default="", help="slurm partition")
-    p.add_argument("--timeout-min", type=float, default=600, help="slurm/submitit time limit per job (minutes)")
-    p.add_argument("--gpus-per-run", type=int, default=0)
-    p.add_argument("--array-parallelism", type=int, default=16, help="slurm: array tasks running at once")
+    p.add_argument("--partition", help="slurm partition")
+    p.add_argument("--timeout-min", type=float, help="slurm/submitit time limit per job (default 600 minutes)")
+    p.add_argument("--gpus-per-run", type=int, help="slurm: GPUs per job")
+    p.add_argument("--array-parallelism", type=int, help="slurm: array tasks running at once (default 16)")
     p.add_argument("--emit-sbatch", metavar="SCRIPT", help="write a plain SLURM array script + jobs.txt and stop")
     p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     p.add_argument("--status", metavar="SWEEP_DIR", help="show the status table of a sweep (running anywhere)")
@@ -158,6 +158,19 @@ def _sweep(args) -> int:
     out = Path(args.out) if args.out else (file.out or Path("runs"))
     specs = S.expand(grids, out)
     folder = out / "sweeps" / (args.name or file.name or S.sweep_name(grids))
+    cluster = {"--partition": args.partition, "--timeout-min": args.timeout_min, "--gpus-per-run": args.gpus_per_run,
+               "--array-parallelism": args.array_parallelism}
+    on_cluster = args.emit_sbatch or args.backend in ("slurm", "submitit-local")
+    ignored = [k for k, v in cluster.items() if v is not None] if not on_cluster else []
+    if args.max_parallel is not None and (args.emit_sbatch or args.backend != "local"):
+        ignored.append("--max-parallel")
+    if ignored and not args.dry_run:
+        raise CilbenchError(f"{', '.join(ignored)} would do nothing with --backend {args.backend}"
+                            + (" --emit-sbatch" if args.emit_sbatch else ""),
+                            "--max-parallel is for --backend local; --partition, --timeout-min, --gpus-per-run and "
+                            "--array-parallelism for slurm, submitit-local or --emit-sbatch")
+    partition, timeout = args.partition or "", args.timeout_min if args.timeout_min is not None else 600
+    gpus, parallelism = args.gpus_per_run or 0, args.array_parallelism or 16
     if args.dry_run:
         for spec in specs:
             console.print(f"{spec.run_id}: cilbench run {' '.join(spec.argv)}", soft_wrap=True)
@@ -166,19 +179,17 @@ def _sweep(args) -> int:
     sweep = S.Sweep.create(folder, out, grids, specs)
     if args.emit_sbatch:
         todo = sweep.pending(10**9)
-        script = S.emit_sbatch(sweep, todo, Path(args.emit_sbatch), args.partition, int(args.timeout_min),
-                               args.gpus_per_run, args.array_parallelism)
+        script = S.emit_sbatch(sweep, todo, Path(args.emit_sbatch), partition, int(timeout), gpus, parallelism)
         console.print(f"wrote {script} and {folder / 'jobs.txt'} ({len(todo)} runs not finished); "
                       f"submit with `sbatch {script}`, follow with `cilbench sweep --status {folder}`")
         return 0
-    slurm = dict(partition=args.partition, timeout_min=args.timeout_min, gpus_per_run=args.gpus_per_run,
-                 parallelism=args.array_parallelism)
+    slurm = dict(partition=partition, timeout_min=timeout, gpus_per_run=gpus, parallelism=parallelism)
     interactive = console.is_terminal and sys.stdout.isatty()
     console.print(f"sweep {folder}: {len(specs)} runs, {len(sweep.pending(args.retries))} to run "
                   f"({args.backend})")
     try:
         with S.Watcher(sweep, console, interactive and args.backend != "debug"):
-            counts = S.run_sweep(sweep, args.backend, max(1, args.max_parallel), args.retries,
+            counts = S.run_sweep(sweep, args.backend, max(1, args.max_parallel or 1), args.retries,
                                  slurm if args.backend in ("slurm", "submitit-local") else None)
     except KeyboardInterrupt:
         console.print(f"[yellow]stopped:[/] no new run starts; every run is resumable: re-run the same command "

@@ -52,7 +52,8 @@ def board(folder: Path) -> pd.DataFrame:
 @pytest.mark.parametrize("backend", ["local", "debug"])
 def test_a_sweep_gives_the_leaderboard_of_the_same_runs_made_one_by_one(tmp_path, reference, backend):
     out = tmp_path / "runs"
-    args = ["sweep", *GRID, "--out", str(out), "--name", "g", "--backend", backend, "--max-parallel", "2"]
+    args = ["sweep", *GRID, "--out", str(out), "--name", "g", "--backend", backend]
+    args += ["--max-parallel", "2"] if backend == "local" else []
     threads = torch.get_num_threads()
     try:
         code = main(args) if backend == "debug" else cli(*args).returncode
@@ -125,6 +126,16 @@ def test_a_failed_run_is_retried_reported_and_does_not_stop_the_others(tmp_path)
     assert Path(bad["log"]).exists()
     status = cli("sweep", "--status", str((out / "sweeps" / "f").resolve()), cwd="/")   # from anywhere
     assert "failed" in status.stdout and "1 done" in status.stdout
+
+
+@pytest.mark.parametrize("extra, named", [(["--backend", "debug", "--max-parallel", "2"], "--max-parallel"),
+                                          (["--partition", "gpu", "--gpus-per-run", "1"], "--partition, --gpus-per-run"),
+                                          (["--emit-sbatch", "x.sbatch", "--max-parallel", "2"], "--max-parallel")])
+def test_a_backend_option_the_backend_would_ignore_is_refused(tmp_path, capsys, extra, named):
+    assert main(["sweep", *GRID, "--out", str(tmp_path), *extra]) == 2
+    out = capsys.readouterr().out
+    assert f"{named} would do nothing" in " ".join(out.split())
+    assert not (tmp_path / "sweeps").exists()                      # refused before anything is written
 
 
 def test_emit_sbatch_writes_a_job_array_of_the_runs(tmp_path):
