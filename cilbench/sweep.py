@@ -166,12 +166,13 @@ class Sweep:
         self.folder, self.out, self.specs = Path(folder), Path(out), specs
         self.lock = threading.Lock()
         self.status = {s.run_id: RunStatus(s.run_id, n_tasks=s.n_tasks) for s in specs}
+        self._judged: set[str] = set()   # finished runs checked against the grid by this process
 
     @classmethod
     def create(cls, folder: Path, out: Path, grids: list[Grid], specs: list[RunSpec]) -> "Sweep":
         sweep = cls(folder, out, specs)
         (sweep.folder / "logs").mkdir(parents=True, exist_ok=True)
-        manifest = {"grids": [asdict(g) for g in grids], "out": str(out),
+        manifest = {"grids": [asdict(g) for g in grids],
                     "runs": [{"run_id": s.run_id, "argv": list(s.argv), "n_tasks": s.n_tasks} for s in specs]}
         old = sweep.folder / "manifest.json"
         if old.exists() and json.loads(old.read_text())["runs"] != manifest["runs"]:
@@ -203,18 +204,23 @@ class Sweep:
             if row["run_id"] in self.status:
                 self.status[row["run_id"]] = RunStatus(
                     row["run_id"], row["state"], int(row["attempts"]), int(row["failures"]), int(row["last_task"]),
-                    int(row["n_tasks"]),
-                    float(row["wall_s"]), row["job_id"], row["error"], row["log"])
+                    int(row["n_tasks"]), float(row["wall_s"]), row["job_id"], row["error"], row["log"])
 
     def refresh(self) -> None:
         """Tasks done and finished runs, from the run folders (the source of truth). A finished run
-        made with other settings than the grid's is a ``conflict``: never counted, never overwritten."""
+        made with other settings than the grid's is a ``conflict``: never counted, never overwritten.
+        A run this process already judged is read again only if its folder lost its summary (the live
+        table calls this every second)."""
         with self.lock:
             for s in self.specs:
                 st, rd = self.status[s.run_id], RunDir(self.out / s.run_id)
+                if s.run_id in self._judged and (rd.path / "summary.json").exists():
+                    continue
                 events = rd.path / "events.jsonl"
                 st.last_task = sum(1 for line in events.read_text().splitlines() if line.strip()) if events.exists() else 0
+                self._judged.discard(s.run_id)
                 if rd.status() == "finished":
+                    self._judged.add(s.run_id)
                     if s.config is None or rd.holds(s.config, s.removed, s.added):
                         st.state, st.error = "done", ""
                     else:
@@ -228,7 +234,7 @@ class Sweep:
             w = csv.DictWriter(buf, STATUS_FIELDS)
             w.writeheader()
             for s in self.specs:
-                w.writerow({k: v for k, v in asdict(self.status[s.run_id]).items()})
+                w.writerow(asdict(self.status[s.run_id]))
             atomic_write_text(self.folder / "status.csv", buf.getvalue())
 
     def pending(self, retries: int) -> list[RunSpec]:
@@ -250,8 +256,8 @@ def run_local(sweep: Sweep, specs: list[RunSpec], max_parallel: int, retries: in
               stop: threading.Event) -> None:
     """``max_parallel`` runs at a time, each a `cilbench run` subprocess with cores / max_parallel
     torch threads (``OMP_NUM_THREADS``; a run's own ``run.threads`` wins), so the machine is not
-    oversubscribed; a failed run is retried at once while it has failed at most ``retries`` times. GPUs, when there are
-    several, are shared out round-robin."""
+    oversubscribed; a failed run is retried at once while it has failed at most ``retries`` times.
+    GPUs, when there are several, are shared out round-robin."""
     gpus = _gpu_count()
     env = {"OMP_NUM_THREADS": str(default_threads(max_parallel))}
 
