@@ -11,6 +11,8 @@
 - The CaRE speed table: `results/perf/care_speed.csv` (sparse) and `care_speed_dense.csv` (dense), as
   written by `python benchmarks/perf/care_speed.py`: throughput as a ratio to the backbone per T, and
   the activations a training step saves.
+- The input pipeline table: `results/perf/input_pipeline.md`, as written by
+  `python benchmarks/perf/input_pipeline.py --out results/perf`.
 
 Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers in README.md.
 """
@@ -71,6 +73,11 @@ def care_speed_table() -> str:
     return "\n".join(lines)
 
 
+def input_pipeline_table() -> str:
+    """`results/perf/input_pipeline.md`, written by `python benchmarks/perf/input_pipeline.py --out results/perf`."""
+    return (REPO / "results" / "perf" / "input_pipeline.md").read_text().strip()
+
+
 def bad_input_table() -> str:
     import os
 
@@ -100,6 +107,7 @@ def main() -> int:
         new = replace_block(old, "results", results_table(Path(scratch) if args.check else REPO / "results"))
     new = replace_block(new, "bad-input", bad_input_table())
     new = replace_block(new, "care-speed", care_speed_table())
+    new = replace_block(new, "input-pipeline", input_pipeline_table())
     if args.check:
         print("README.md is up to date" if new == old else "README.md is out of date")
         return int(new != old)

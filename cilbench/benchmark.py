@@ -37,6 +37,11 @@ class DatasetSpec:
     train_per_class: int = 0         # synthetic only
     test_per_class: int = 0          # synthetic only
     domain: str = "bench"            # synthetic only
+    train_images: int = 0            # published split size (cilbench data check); 0 = none recorded
+    test_images: int = 0
+    counts_source: str = ""          # where train_images / test_images come from
+    archive: str = ""                # the file users download (cilbench data prepare)
+    archive_md5: str = ""            # its published md5, or the published prefix of it
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class BenchmarkSpec:
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     online: bool = False          # every method streams each training sample once (run.online overrides)
     overlap: float = 0.0          # recurring classes per later task, as a fraction of its new classes
+    class_order: str = "seeded"   # "seeded": permutation by order_seed (PILOT's shuffle) | "natural": folder order
 
     @property
     def n_classes(self) -> int:
@@ -73,7 +79,8 @@ def benchmark_dirs() -> list[Path]:
 _DATASET_KEYS = set(DatasetSpec.__dataclass_fields__) - {"key"}
 _DATASET_REQUIRED = {"display", "source", "n_classes", "image_size"}
 _BENCH_KEYS = {"description", "dataset", "init", "increment", "order_seed", "test_shuffle_seed", "backbone",
-               "methods", "online", "overlap"}
+               "methods", "online", "overlap", "class_order"}
+CLASS_ORDERS = ("seeded", "natural")
 
 
 def parse_benchmark_file(path: Path) -> list[BenchmarkSpec]:
@@ -110,6 +117,9 @@ def parse_benchmark_file(path: Path) -> list[BenchmarkSpec]:
         ds = raw.get("dataset")
         if "increment" not in raw:
             raise ConfigError(f"{path}: benchmark {name!r} has no increment", "add increment = <classes per task>")
+        if raw.get("class_order", "seeded") not in CLASS_ORDERS:
+            raise ConfigError(f"{path}: benchmark {name!r} has class_order = {raw['class_order']!r}",
+                              f"choose one of {CLASS_ORDERS}")
         if ds not in datasets:
             raise ConfigError(f"{path}: benchmark {name!r} names unknown dataset {ds!r}",
                               f"define [dataset.{ds}] in the same file")
@@ -121,7 +131,8 @@ def parse_benchmark_file(path: Path) -> list[BenchmarkSpec]:
             backbone=raw.get("backbone", "embedded-tiny"),
             method_overrides={m: {**file_methods.get(m, {}), **raw.get("methods", {}).get(m, {})}
                               for m in {*file_methods, *raw.get("methods", {})}},
-            online=bool(raw.get("online", False)), overlap=_fraction(path, name, raw.get("overlap", 0.0))))
+            online=bool(raw.get("online", False)), overlap=_fraction(path, name, raw.get("overlap", 0.0)),
+            class_order=raw.get("class_order", "seeded")))
     return specs
 
 

@@ -1,4 +1,4 @@
-"""`cilbench run | list | compare | sweep | show | pretrain`."""
+"""`cilbench run | list | compare | sweep | data | show | pretrain`."""
 from __future__ import annotations
 
 import argparse
@@ -90,6 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status", metavar="SWEEP_DIR", help="show the status table of a sweep (running anywhere)")
     p.add_argument("--no-compare", action="store_true", help="skip the leaderboard at the end")
 
+    p = sub.add_parser("data", help="check a dataset against its published split, or prepare it from a download")
+    data = p.add_subparsers(dest="data_command", required=True)
+    q = data.add_parser("check", help="layout, class and image counts, unreadable images, train/test duplicates")
+    q.add_argument("bench", help="a benchmark (its dataset is checked and its class order printed)")
+    q.add_argument("--no-decode", action="store_true", help="skip decoding every image and hashing for duplicates")
+    q.add_argument("--workers", type=int, help="processes decoding images (default: every core)")
+    q.add_argument("--verbose", action="store_true", help="print progress")
+    q = data.add_parser("prepare", help="turn a download (PILOT zip/tgz, Hugging Face parquet) into the layout")
+    q.add_argument("dataset", help="a dataset key (imagenet-r, vtab, ob1k, ...) or a benchmark using it")
+    q.add_argument("--from", dest="source", required=True, help="the downloaded archive or snapshot folder")
+    q.add_argument("--no-verify", action="store_true", help="skip the md5 check of an archive")
+    for q in data.choices.values():
+        q.add_argument("--data-root", help="default: $CILBENCH_DATA or cilbench.toml [data] root")
+        q.add_argument("--config", help="cilbench.toml to read (default: ./cilbench.toml)")
+
     p = sub.add_parser("show", help="summary of one run folder")
     p.add_argument("run_dir")
 
@@ -102,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"run": _run, "list": _list, "compare": _compare, "sweep": _sweep, "show": _show,
-                    "pretrain": _pretrain}
+                    "pretrain": _pretrain, "data": _data}
         return commands[args.command](args)
     except CilbenchError as e:
         if args.debug:
@@ -111,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         if e.remedy:
             console.print(f"  [yellow]->[/] {escape(e.remedy)}")
         return 2
+
+
+def _data(args) -> int:
+    from cilbench.data import commands
+
+    run = commands.check_command if args.data_command == "check" else commands.prepare_command
+    return run(args, console)
 
 
 def _run(args) -> int:

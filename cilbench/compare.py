@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cilbench.config import NOT_RESULT_SETTINGS
 from cilbench.errors import CilbenchError
 from cilbench.metrics import Record, summarize
 from cilbench.results import RunDir
@@ -47,8 +48,8 @@ METRICS = {
     "process_peak_rss_mb": "process peak RSS MB",
 }
 MB_OR_SECONDS = ("train_s", "eval_s", "peak_cuda_mem_mb", "process_peak_rss_mb")
-# run settings that cannot change a number (where files live); seeds are what a row aggregates over
-NOT_A_SETTING = {"run.out_root", "run.data_root", "run.seed"}
+# run settings that cannot change a number (config.NOT_RESULT_SETTINGS); seeds are what a row aggregates over
+NOT_A_SETTING = {*(f"run.{k}" for k in NOT_RESULT_SETTINGS), "run.seed"}
 ORDER_KEY = "run.order_seed"
 
 

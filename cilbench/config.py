@@ -34,7 +34,12 @@ class RunSettings:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     eval_every: int = bounded(1, 1)          # evaluate after every K-th task (the last task always)
     eval_batch_size: int = bounded(256, 1)
-    num_workers: int = bounded(0, 0)         # DataLoader workers for ImageFolder data
+    num_workers: int | None = bounded(None, 0)  # ImageFolder decode workers; unset = from device and cores
+    pin_memory: bool | None = None           # pinned host batches; unset = on for CUDA
+    persistent_workers: bool | None = None   # keep decode workers between passes; unset = on with workers
+    decode_cache: bool = True                # ImageFolder test images decoded once into a uint8 memmap
+    train_cache: int = bounded(0, 0)         # >0: training images cached at SxS, crop+flip on tensors
+    cache_dir: str = ""                      # decoded caches; "" = $CILBENCH_CACHE or ~/.cache/cilbench
     threads: int = bounded(0, 0)             # torch CPU threads (0 = torch default)
     data_root: str = ""
     out_root: str = "runs"      # the user's runs; results/ holds the reference runs shipped with the repo
@@ -49,8 +54,14 @@ class RunSettings:
 # written before a setting existed resumes when the setting has that value (see RunDir.prepare).
 ADDED_SETTINGS: dict[str, dict[str, Any]] = {
     "run": {"bad_images": "fail", "shots": 0, "online": False, "online_batch_size": 0, "online_iters": 1,
-            "order_seed": 1993},
+            "order_seed": 1993, "train_cache": 0},
 }
+
+
+# run settings that cannot change a number: where files live, and how images are loaded (the decoded
+# cache holds the very pixels a decode gives; training crops are seeded per sample, not per worker)
+NOT_RESULT_SETTINGS = ("out_root", "data_root", "num_workers", "pin_memory", "persistent_workers",
+                       "decode_cache", "cache_dir")
 
 
 def check_bounds(cfg: Any, section: str) -> None:
@@ -83,10 +94,11 @@ def load_user_config(path: str | Path | None = None) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{candidate}: unknown sections {sorted(unknown)}",
                           "allowed: [run], [data], [output], [backbone], [methods.<name>]")
-    for section in ("data", "output"):
-        extra = set(doc.get(section, {})) - {"root"}
+    for section, keys in (("data", {"root", "cache"}), ("output", {"root"})):
+        extra = set(doc.get(section, {})) - keys
         if extra:
-            raise ConfigError(f"{candidate}: unknown keys {sorted(extra)} in [{section}]", f"[{section}] takes only root")
+            raise ConfigError(f"{candidate}: unknown keys {sorted(extra)} in [{section}]",
+                              f"[{section}] takes {', '.join(sorted(keys))}")
     return doc
 
 

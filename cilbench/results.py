@@ -170,11 +170,13 @@ def _without_added_settings(config: dict[str, Any], old: dict[str, Any]) -> dict
 
 
 def _comparable(config: dict[str, Any], removed: dict[str, Any]) -> dict[str, Any]:
+    from cilbench.config import NOT_RESULT_SETTINGS
+
     out = dict(config)
     if "method_config" in out:
         out["method_config"] = {k: v for k, v in out["method_config"].items() if k not in removed or removed[k] != v}
     if "run" in out:
-        out["run"] = {k: v for k, v in out["run"].items() if k not in ("out_root", "data_root")}
+        out["run"] = {k: v for k, v in out["run"].items() if k not in NOT_RESULT_SETTINGS}
     return out
 
 

@@ -15,7 +15,8 @@ import torch
 from cilbench import config as C
 from cilbench.backbones.loader import load_backbone
 from cilbench.benchmark import BenchmarkSpec, get_benchmark
-from cilbench.data.sources import load_splits
+from cilbench.data.folder_split import FolderLoading
+from cilbench.data.sources import cache_dir, load_splits, loader_defaults
 from cilbench.data.stream import ClassIncrementalData
 from cilbench.errors import CilbenchError, ConfigError, suggest
 from cilbench.evaluator import Evaluator, seed_everything
@@ -68,6 +69,8 @@ def resolve(req: RunRequest) -> ResolvedRun:
     run_layer = {**user.get("run", {})}
     if "root" in user.get("data", {}):
         run_layer["data_root"] = user["data"]["root"]
+    if "cache" in user.get("data", {}):
+        run_layer["cache_dir"] = user["data"]["cache"]
     if "root" in user.get("output", {}):
         run_layer["out_root"] = user["output"]["root"]
     flags = {k: v for k, v in {"seed": req.seed, "device": req.device, "data_root": req.data_root,
@@ -83,6 +86,11 @@ def resolve(req: RunRequest) -> ResolvedRun:
         run = dataclasses.replace(run, online=bench.online or method_cls.online)
     if run.order_seed is None:
         run = dataclasses.replace(run, order_seed=bench.order_seed)
+    elif bench.class_order == "natural" and run.order_seed != bench.order_seed:
+        raise ConfigError(f"{bench.name} keeps the classes in their natural (folder) order, so an order seed "
+                          "has nothing to shuffle", f"drop --order-seed, or use a shuffled variant of {bench.name}")
+    workers, pin, persistent = loader_defaults(run.device, run.num_workers, run.pin_memory, run.persistent_workers)
+    run = dataclasses.replace(run, num_workers=workers, pin_memory=pin, persistent_workers=persistent)
     default_order = bench.order_seed
     bench = dataclasses.replace(bench, order_seed=run.order_seed)
     if req.check_device and run.device == "cuda" and not torch.cuda.is_available():
@@ -175,9 +183,12 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
                         added=resolved.method_cls.added_settings)
     device = torch.device(run.device)
     seed_everything(run.seed)
-    train, test = load_splits(bench.dataset, Path(run.data_root) if run.data_root else None, run.bad_images)
-    data = ClassIncrementalData(train, test, bench.n_classes, bench.splits, bench.order_seed, run.num_workers,
-                                run.shots, bench.test_shuffle_seed)
+    loading = FolderLoading(run.num_workers, run.pin_memory, run.persistent_workers, run.decode_cache,
+                            run.train_cache, cache_dir(run.cache_dir) if run.cache_dir else None, run.device,
+                            log=rd.log)
+    train, test = load_splits(bench.dataset, Path(run.data_root) if run.data_root else None, run.bad_images, loading)
+    data = ClassIncrementalData(train, test, bench.n_classes, bench.splits, bench.order_seed, run.shots,
+                                bench.test_shuffle_seed, natural_order=bench.class_order == "natural")
     backbone = load_backbone(resolved.backbone, normalize=bench.dataset.normalize)
     if backbone.img_size != bench.dataset.image_size:
         raise ConfigError(f"backbone {backbone.name} expects {backbone.img_size}px images, "
@@ -193,7 +204,8 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
     ev = Evaluator(method, data, ctx, run.eval_every, run.eval_batch_size,
                    OnlineProtocol(run.online, run.online_batch_size, run.online_iters))
     rd.write_json("protocol.json", {
-        "benchmark": bench.name, "order_seed": bench.order_seed, "test_shuffle_seed": bench.test_shuffle_seed,
+        "benchmark": bench.name, "class_order_rule": bench.class_order, "order_seed": bench.order_seed,
+        "test_shuffle_seed": bench.test_shuffle_seed,
         "class_order": data.order.tolist(),
         "tasks": [{"classes": [sp.start, sp.stop], "recurring": list(sp.recurring)} for sp in bench.splits]})
     ckpt = rd.load_checkpoint() if resume else None

@@ -47,6 +47,7 @@ def simplecil_by_hand() -> float:
     from cilbench.backbones.loader import BackboneConfig, load_backbone
     from cilbench.benchmark import get_benchmark
     from cilbench.data.sources import load_splits
+    from cilbench.data.transforms import to_float   # read() may hand uint8 pixels
 
     spec = get_benchmark("tiny-3")
     train, test = load_splits(spec.dataset, None)
@@ -56,7 +57,7 @@ def simplecil_by_hand() -> float:
     def features(split):
         images, keys = zip(*split.read(np.arange(len(split)), 64, False, gen))
         with torch.no_grad():
-            return vit(torch.cat(images)), torch.as_tensor(split.targets)[torch.cat(keys)]
+            return vit(to_float(torch.cat(images))), torch.as_tensor(split.targets)[torch.cat(keys)]
     ftr, ytr = features(train)
     fte, yte = features(test)
     protos = torch.stack([ftr[ytr == c].mean(0) for c in range(12)])

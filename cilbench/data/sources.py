@@ -5,6 +5,7 @@ is published -- never a silent fallback to synthetic data.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from cilbench.benchmark import DatasetSpec
 from cilbench.data.base import ImageSplit
-from cilbench.data.folder_split import FolderSplit, list_classes
+from cilbench.data.folder_split import FolderLoading, FolderSplit, list_classes
 from cilbench.data.synthetic import render_split
 from cilbench.data.tensor_split import TensorSplit
 from cilbench.data.transforms import AugmentConfig
@@ -22,23 +23,44 @@ from cilbench.ioutil import atomic_torch_save
 SYNTH_VERSION = 1  # bump when the renderer changes, so stale caches are not reused
 
 
-def cache_dir() -> Path:
+def cache_dir(configured: str = "") -> Path:
+    """Where rendered and decoded images are cached: run.cache_dir / [data] cache, else
+    $CILBENCH_CACHE, else ~/.cache/cilbench."""
+    if configured:
+        return Path(configured).expanduser()
     return Path(os.environ.get("CILBENCH_CACHE", Path.home() / ".cache" / "cilbench"))
 
 
-def load_splits(spec: DatasetSpec, data_root: Path | None,
-                bad_images: str = "fail") -> tuple[ImageSplit, ImageSplit]:
-    """``bad_images``: what an unreadable image file does -- "fail" (name it) or "skip" (record it)."""
+def loader_defaults(device: str, workers: int | None, pin_memory: bool | None,
+                    persistent: bool | None, cores: int | None = None) -> tuple[int, bool, bool]:
+    """(workers, pin_memory, persistent_workers) for ImageFolder data, each unset one chosen from the
+    device and the cores this process may use: on CUDA, decoding must keep a GPU fed, so up to 8
+    workers (one core left to the main process) and pinned memory for asynchronous copies; on CPU the
+    model needs the cores too, so half of them (at most 4) decode. Workers persist between passes
+    (no fork per pass) whenever there are any."""
+    cores = cores or len(os.sched_getaffinity(0))
+    if workers is None:
+        workers = min(8, cores - 1) if device == "cuda" else min(4, cores // 2)
+    pin_memory = device == "cuda" if pin_memory is None else pin_memory
+    persistent = workers > 0 if persistent is None else persistent
+    return max(workers, 0), pin_memory, persistent
+
+
+def load_splits(spec: DatasetSpec, data_root: Path | None, bad_images: str = "fail",
+                loading: FolderLoading = FolderLoading()) -> tuple[ImageSplit, ImageSplit]:
+    """``bad_images``: what an unreadable image file does -- "fail" (name it) or "skip" (record it).
+    ``loading``: how ImageFolder images are decoded and cached (other sources are in memory)."""
     aug = AugmentConfig(size=spec.image_size, scale=tuple(spec.train_scale))
+    loading = dataclasses.replace(loading, cache_dir=loading.cache_dir or cache_dir())
     if spec.source == "synthetic":
-        return tuple(_synthetic(spec, split, aug) for split in ("train", "test"))  # type: ignore[return-value]
+        return tuple(_synthetic(spec, split, aug, loading.cache_dir) for split in ("train", "test"))  # type: ignore[return-value]
     if data_root is None:
         raise DataError(f"dataset {spec.display} needs a data root",
                         "set [data] root in cilbench.toml, CILBENCH_DATA, or --data-root")
     folder = Path(data_root).expanduser() / spec.folder
     if spec.source == "cifar100":
         return _cifar100(spec, folder, aug)
-    return _image_folder(spec, folder, aug, bad_images)
+    return _image_folder(spec, folder, aug, bad_images, loading)
 
 
 def _layout_hint(spec: DatasetSpec, folder: Path) -> str:
@@ -46,8 +68,8 @@ def _layout_hint(spec: DatasetSpec, folder: Path) -> str:
             f"with {spec.n_classes} class folders each; data: {spec.published or 'see the benchmark file'}")
 
 
-def _image_folder(spec: DatasetSpec, folder: Path, aug: AugmentConfig,
-                  bad_images: str) -> tuple[ImageSplit, ImageSplit]:
+def _image_folder(spec: DatasetSpec, folder: Path, aug: AugmentConfig, bad_images: str,
+                  loading: FolderLoading) -> tuple[ImageSplit, ImageSplit]:
     if not folder.is_dir():
         raise DataError(f"dataset {spec.display} not found at {folder}", _layout_hint(spec, folder))
     for part in ("train", "test"):
@@ -64,8 +86,8 @@ def _image_folder(spec: DatasetSpec, folder: Path, aug: AugmentConfig,
     if len(train_classes) != spec.n_classes:
         raise DataError(f"{folder} has {len(train_classes)} classes; {spec.display} has {spec.n_classes}",
                         _layout_hint(spec, folder))
-    return tuple(FolderSplit(f"{spec.key}/{part}", folder / part, train_classes, spec.image_size, aug, bad_images)
-                 for part in ("train", "test"))  # type: ignore[return-value]
+    return tuple(FolderSplit(f"{spec.key}/{part}", folder / part, train_classes, spec.image_size, aug, bad_images,
+                             loading) for part in ("train", "test"))  # type: ignore[return-value]
 
 
 def _cifar100(spec: DatasetSpec, folder: Path, aug: AugmentConfig) -> tuple[ImageSplit, ImageSplit]:
@@ -84,9 +106,9 @@ def _cifar100(spec: DatasetSpec, folder: Path, aug: AugmentConfig) -> tuple[Imag
     return splits[0], splits[1]
 
 
-def _synthetic(spec: DatasetSpec, split: str, aug: AugmentConfig) -> ImageSplit:
+def _synthetic(spec: DatasetSpec, split: str, aug: AugmentConfig, cache: Path) -> ImageSplit:
     per_class = spec.train_per_class if split == "train" else spec.test_per_class
-    path = cache_dir() / "synthetic" / (
+    path = cache / "synthetic" / (
         f"v{SYNTH_VERSION}_{spec.domain}_{split}_{spec.n_classes}x{per_class}_{spec.image_size}px.pt")
     if path.exists():
         images, targets = torch.load(path, weights_only=True)

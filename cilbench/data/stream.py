@@ -12,9 +12,9 @@ class TrainingData:
     no reference to the test split, so a method cannot read test images through it."""
 
     def __init__(self, train: ImageSplit, splits: list[TaskSplit], label_of: np.ndarray, index: "_LabelIndex",
-                 owner_sorted: np.ndarray, num_workers: int):
+                 owner_sorted: np.ndarray):
         self.train, self.splits, self.label_of = train, splits, label_of
-        self._train_index, self._owner_sorted, self.num_workers = index, owner_sorted, num_workers
+        self._train_index, self._owner_sorted = index, owner_sorted
 
     @property
     def overlapping(self) -> bool:
@@ -26,7 +26,7 @@ class TrainingData:
             s = self.splits[task]
             return self.train_view(s.start, s.stop, batch_size, shuffle, augment, seed)
         index = self._train_index.sorted[self._owner_sorted == task]
-        return SampleView(self.train, index, self.label_of, batch_size, shuffle, augment, seed, self.num_workers)
+        return SampleView(self.train, index, self.label_of, batch_size, shuffle, augment, seed)
 
     def seen_view(self, task: int, batch_size: int, shuffle: bool, augment: bool, seed: int) -> SampleView:
         """Every training sample of tasks 0..``task`` (the reference upper bounds' data)."""
@@ -34,25 +34,24 @@ class TrainingData:
             return self.train_view(0, self.splits[task].stop, batch_size, shuffle, augment, seed)
         owners = self._owner_sorted
         index = self._train_index.sorted[(owners >= 0) & (owners <= task)]
-        return SampleView(self.train, index, self.label_of, batch_size, shuffle, augment, seed, self.num_workers)
+        return SampleView(self.train, index, self.label_of, batch_size, shuffle, augment, seed)
 
     def train_view(self, start: int, stop: int, batch_size: int, shuffle: bool, augment: bool,
                    seed: int) -> SampleView:
         return SampleView(self.train, self._train_index.between(start, stop), self.label_of, batch_size,
-                          shuffle, augment, seed, self.num_workers)
+                          shuffle, augment, seed)
 
 
 class ClassIncrementalData:
     def __init__(self, train: ImageSplit, test: ImageSplit, n_classes: int, splits: list[TaskSplit],
-                 order_seed: int, num_workers: int = 0, shots: int = 0, test_shuffle_seed: int = 1993):
+                 order_seed: int, shots: int = 0, test_shuffle_seed: int = 1993, natural_order: bool = False):
         """``shots`` > 0: the few-shot protocol, N training images per class (the same N for every
         method: a fixed draw seeded by ``order_seed``). ``test_shuffle_seed`` fixes the order in which
         the test images are scored (see ``test_view``)."""
         self.train, self.test, self.splits = train, test, splits
         self.test_shuffle_seed = test_shuffle_seed
-        self.order = class_order(n_classes, order_seed)
+        self.order = class_order(n_classes, order_seed, shuffle=not natural_order)
         self.label_of = label_map(self.order)
-        self.num_workers = num_workers
         train_labels = self.label_of[train.targets]
         keep = few_shot(train_labels, shots, order_seed) if shots else None
         train_index = _LabelIndex(train_labels, n_classes, keep)
@@ -64,7 +63,7 @@ class ClassIncrementalData:
             kept[dropped] = -1
         # the task that trains on each sample, in label-sorted order (so a task's view is label-sorted)
         owner_sorted = sample_owners(kept, splits, order_seed)[train_index.sorted]
-        self.training = TrainingData(train, splits, self.label_of, train_index, owner_sorted, num_workers)
+        self.training = TrainingData(train, splits, self.label_of, train_index, owner_sorted)
 
     def test_view(self, n_seen: int, batch_size: int) -> SampleView:
         """The test images of labels 0..n_seen-1 in a seeded shuffled order (the same for every method
@@ -74,7 +73,7 @@ class ClassIncrementalData:
         index = self._test_index.between(0, n_seen)
         index = index[np.random.RandomState(self.test_shuffle_seed).permutation(len(index))]
         return SampleView(self.test, index, self.label_of, batch_size,
-                          shuffle=False, augment=False, seed=0, num_workers=self.num_workers, role="test")
+                          shuffle=False, augment=False, seed=0, role="test")
 
 
 def few_shot(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:

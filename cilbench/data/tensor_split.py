@@ -18,13 +18,13 @@ class TensorSplit(ImageSplit):
         self.name, self.images, self.targets = name, images, np.asarray(targets)
         self.image_size, self.augment = image_size, augment
 
-    def read(self, indices: np.ndarray, batch_size: int, augment: bool, gen: torch.Generator,
-             num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def read(self, indices: np.ndarray, batch_size: int, augment: bool,
+             gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = torch.as_tensor(indices, dtype=torch.long)
+        native = self.images.shape[-1] == self.image_size and self.images.shape[-2] == self.image_size
         for chunk in idx.split(batch_size):
-            images = to_float(self.images[chunk])
+            pixels = self.images[chunk]
             if augment:
-                images = random_resized_crop(images, self.augment, gen)
-            else:
-                images = resize_batch(images, self.image_size)
-            yield images, chunk
+                yield random_resized_crop(to_float(pixels), self.augment, gen), chunk
+            else:   # at the native size the uint8 pixels go as they are (converted where used)
+                yield (pixels if native else resize_batch(to_float(pixels), self.image_size)), chunk
