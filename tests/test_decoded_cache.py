@@ -174,3 +174,27 @@ def test_concurrent_builds_make_one_cache_and_a_build_cut_short_is_built_again(j
         np.arange(300), 64, False, None)])
     for i in range(2):
         np.testing.assert_array_equal(np.load(tmp_path / f"{i}.npy"), uncached)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: needs a GPU")
+
+
+@CUDA
+def test_uint8_batches_reach_cuda_channels_last_and_convert_there_as_on_the_cpu():
+    from cilbench.data.base import Batch
+
+    batch = Batch(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.zeros(4, dtype=torch.long),
+                  torch.arange(4), "x")
+    moved = batch.to("cuda")
+    assert moved.pixels.dtype == torch.uint8 and moved.pixels.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(moved.images.cpu(), batch.images, rtol=0, atol=0)
+
+
+@CUDA
+def test_training_cache_crops_cut_on_cuda_match_the_cpu_crops():
+    images = torch.rand(16, 3, 40, 40)
+    sizes = torch.randint(30, 90, (16, 2))
+    cfg = AugmentConfig(size=24)
+    cpu = random_resized_crop(images, cfg, torch.Generator().manual_seed(1), sizes)
+    gpu = random_resized_crop(images.cuda(), cfg, torch.Generator().manual_seed(1), sizes)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-5)
