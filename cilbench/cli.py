@@ -1,4 +1,4 @@
-"""`cilbench run | list | compare | sweep | data | show | pretrain`."""
+"""`cilbench run | list | compare | sweep | reproduce | data | show | pretrain`."""
 from __future__ import annotations
 
 import argparse
@@ -75,20 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shots", type=int)
     p.add_argument("--out", help="output root of the runs (default: runs/); the sweep folder is OUT/sweeps/NAME")
     p.add_argument("--name", help="sweep name (default: the sweep file's name, else a hash of the grid)")
-    p.add_argument("--backend", default="local", choices=["local", "debug", "slurm", "submitit-local"],
-                   help="local: parallel subprocesses; debug: in this process; slurm: submitit job array "
-                        "(pip install 'cilbench[slurm]'); submitit-local: the slurm path on this machine")
-    p.add_argument("--max-parallel", type=int, help="local: runs at once (default 1; threads split between them)")
-    p.add_argument("--retries", type=int, default=1,
-                   help="times a failed run is started again (default 1; an interrupted run always resumes)")
-    p.add_argument("--partition", help="slurm partition")
-    p.add_argument("--timeout-min", type=float, help="slurm/submitit time limit per job (default 600 minutes)")
-    p.add_argument("--gpus-per-run", type=int, help="slurm: GPUs per job")
-    p.add_argument("--array-parallelism", type=int, help="slurm: array tasks running at once (default 16)")
-    p.add_argument("--emit-sbatch", metavar="SCRIPT", help="write a plain SLURM array script + jobs.txt and stop")
+    _add_backend_args(p)
     p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     p.add_argument("--status", metavar="SWEEP_DIR", help="show the status table of a sweep (running anywhere)")
-    p.add_argument("--no-compare", action="store_true", help="skip the leaderboard at the end")
+
+    p = sub.add_parser("reproduce", help="run a paper's published cells (a manifest) and report cell by cell")
+    p.add_argument("manifest", help="benchmarks/reproduce/*.toml")
+    p.add_argument("--cells", nargs="+", default=[], help="only these cells (ids, tables, methods or benchmarks; globs)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a setting for every run, e.g. run.data_root=/data")
+    p.add_argument("--out", help="output root of the runs (default: runs/); the report goes to OUT/sweeps/NAME")
+    p.add_argument("--dry-run", action="store_true", help="list the cells, their runs and estimated hours, and stop")
+    p.add_argument("--report-only", action="store_true", help="run nothing; report from the runs already there")
+    p.add_argument("--calibrate", nargs="+", metavar="DIR",
+                   help="finished runs that calibrate the cost model (default: runs/ and results/runs)")
+    p.add_argument("--tflops", type=float, help="effective TFLOP/s assumed where no run calibrates (default 50)")
+    _add_backend_args(p)
 
     p = sub.add_parser("data", help="check a dataset against its published split, or prepare it from a download")
     data = p.add_subparsers(dest="data_command", required=True)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"run": _run, "list": _list, "compare": _compare, "sweep": _sweep, "show": _show,
-                    "pretrain": _pretrain, "data": _data}
+                    "pretrain": _pretrain, "data": _data, "reproduce": _reproduce}
         return commands[args.command](args)
     except CilbenchError as e:
         if args.debug:
@@ -151,6 +153,21 @@ def _run(args) -> int:
     return 0
 
 
+def _add_backend_args(p) -> None:
+    p.add_argument("--backend", default="local", choices=["local", "debug", "slurm", "submitit-local"],
+                   help="local: parallel subprocesses; debug: in this process; slurm: submitit job array "
+                        "(pip install 'cilbench[slurm]'); submitit-local: the slurm path on this machine")
+    p.add_argument("--max-parallel", type=int, help="local: runs at once (default 1; threads split between them)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="times a failed run is started again (default 1; an interrupted run always resumes)")
+    p.add_argument("--partition", help="slurm partition")
+    p.add_argument("--timeout-min", type=float, help="slurm/submitit time limit per job (default 600 minutes)")
+    p.add_argument("--gpus-per-run", type=int, help="slurm: GPUs per job")
+    p.add_argument("--array-parallelism", type=int, help="slurm: array tasks running at once (default 16)")
+    p.add_argument("--emit-sbatch", metavar="SCRIPT", help="write a plain SLURM array script + jobs.txt and stop")
+    p.add_argument("--no-compare", action="store_true", help="skip the leaderboard at the end")
+
+
 def _sweep(args) -> int:
     from cilbench import sweep as S
 
@@ -180,24 +197,36 @@ def _sweep(args) -> int:
     out = Path(args.out) if args.out else (file.out or Path("runs"))
     specs = S.expand(grids, out)
     folder = out / "sweeps" / (args.name or file.name or S.sweep_name(grids))
+    if args.dry_run:
+        for spec in specs:
+            console.print(f"{spec.run_id}: cilbench run {' '.join(spec.argv)}", soft_wrap=True)
+        console.print(f"{len(specs)} runs; sweep folder {folder}")
+        return 0
+    rc = _launch_sweep(grids, specs, out, folder, args)
+    if rc == 0 and file.after:
+        console.print(f"every run is done; running {' '.join(file.after)}")
+        return subprocess.run(list(file.after)).returncode
+    return rc
+
+
+def _launch_sweep(grids, specs, out: Path, folder: Path, args) -> int:
+    """Run ``specs`` as the sweep ``folder`` with the backend options of ``args`` (shared by sweep and
+    reproduce); 0 when every run is done."""
+    from cilbench import sweep as S
+
     cluster = {"--partition": args.partition, "--timeout-min": args.timeout_min, "--gpus-per-run": args.gpus_per_run,
                "--array-parallelism": args.array_parallelism}
     on_cluster = args.emit_sbatch or args.backend in ("slurm", "submitit-local")
     ignored = [k for k, v in cluster.items() if v is not None] if not on_cluster else []
     if args.max_parallel is not None and (args.emit_sbatch or args.backend != "local"):
         ignored.append("--max-parallel")
-    if ignored and not args.dry_run:
+    if ignored:
         raise CilbenchError(f"{', '.join(ignored)} would do nothing with --backend {args.backend}"
                             + (" --emit-sbatch" if args.emit_sbatch else ""),
                             "--max-parallel is for --backend local; --partition, --timeout-min, --gpus-per-run and "
                             "--array-parallelism for slurm, submitit-local or --emit-sbatch")
     partition, timeout = args.partition or "", args.timeout_min if args.timeout_min is not None else 600
     gpus, parallelism = args.gpus_per_run or 0, args.array_parallelism or 16
-    if args.dry_run:
-        for spec in specs:
-            console.print(f"{spec.run_id}: cilbench run {' '.join(spec.argv)}", soft_wrap=True)
-        console.print(f"{len(specs)} runs; sweep folder {folder}")
-        return 0
     sweep = S.Sweep.create(folder, out, grids, specs)
     if args.emit_sbatch:
         todo = sweep.pending(10**9)
@@ -225,9 +254,98 @@ def _sweep(args) -> int:
         console.print("[red]not finished:[/] " + ", ".join(f"{n} {k}" for k, n in bad.items())
                       + f"; logs under {folder / 'logs'}; re-run the same command to resume/retry")
         return 1
-    if file.after:
-        console.print(f"every run is done; running {' '.join(file.after)}")
-        return subprocess.run(list(file.after)).returncode
+    return 0
+
+
+def _reproduce(args) -> int:
+    from cilbench import reproduce as R
+    from cilbench import sweep as S
+    from cilbench.ioutil import atomic_write_text
+
+    manifest = R.load_manifest(Path(args.manifest))
+    cells = R.select(manifest.cells, args.cells)
+    grids = R.grids(manifest, cells, tuple(args.set))
+    out = Path(args.out) if args.out else Path("runs")
+    specs = {key: S.expand([grid], out) for key, grid in grids.items()}
+    all_specs = S.expand(list(grids.values()), out)            # refuses two runs sharing a folder
+    folder = out / "sweeps" / f"reproduce-{manifest.name}"
+    if args.dry_run:
+        return _reproduce_plan(manifest, cells, specs, args)
+    if not args.report_only and all_specs:
+        _launch_sweep(list(grids.values()), all_specs, out, folder, args)
+    runs = {key: [out / spec.run_id for spec in group] for key, group in specs.items()}
+    rows = R.compare_cells(cells, runs, manifest.decimals)
+    table = R.report_table(rows, manifest.decimals)
+    folder.mkdir(parents=True, exist_ok=True)
+    import pandas as pd
+
+    from cilbench.compare import to_markdown
+    frame = pd.DataFrame(table)
+    atomic_write_text(folder / "reproduce.csv", frame.to_csv(index=False))
+    atomic_write_text(folder / "reproduce.md", f"# {manifest.paper}: published vs cilbench\n\n{to_markdown(frame)}")
+    R.plot(rows, folder / "reproduce.png", f"{manifest.paper}: {sum(r.mean is not None for r in rows)} cells")
+    columns = ("cell", "published", "ours", "delta", "tolerance", "verdict")
+    _print_rows(f"{manifest.paper}: published vs cilbench", columns, [[r[c] for c in columns] for r in table])
+    counts = {v: sum(r.status == v for r in rows) for v in ("within", "outside", "missing")}
+    console.print(f"{counts['within']} within tolerance, {counts['outside']} outside, {counts['missing']} without "
+                  f"a finished run, {len(rows) - sum(counts.values())} not runnable in cilbench; "
+                  f"{folder / 'reproduce.md'}, .csv, .png")
+    return 0 if counts["outside"] == 0 and counts["missing"] == 0 else 1
+
+
+def _print_rows(title: str, columns, rows: list[list[str]]) -> None:
+    """A rich table on a terminal; on a pipe or log, one unwrapped line per row (long cells intact)."""
+    if console.is_terminal:
+        grid = Table(title=title)
+        for col in columns:
+            grid.add_column(col)
+        for row in rows:
+            grid.add_row(*(escape(str(x)) for x in row))
+        console.print(grid)
+        return
+    console.print(title, soft_wrap=True)
+    for row in [list(columns), *rows]:
+        console.print(escape(" | ".join(str(x) for x in row)), soft_wrap=True, highlight=False)
+
+
+def _reproduce_plan(manifest, cells, specs, args) -> int:
+    """--dry-run: every cell, the runs it needs and their estimated hours (cilbench.cost)."""
+    from cilbench import cost
+    from cilbench import reproduce as R
+    from cilbench.benchmark import get_benchmark
+    from cilbench.registry import METHODS
+
+    roots = [Path(p) for p in (args.calibrate or ["runs", "results/runs"])]
+    published = lambda cell: f"{cell.published:.{manifest.decimals}f}"  # noqa: E731
+    finished = cost.finished_run_dirs(roots)
+    rows, total, hours_of = [], 0.0, {}
+    for cell in cells:
+        why = R.implemented(cell)
+        if why:
+            rows.append([cell.id, cell.label, cell.benchmark, R.METRIC_NAMES[cell.metric], published(cell), why, "", ""])
+            continue
+        run_specs = specs[cell.run_key]
+        if cell.run_key not in hours_of:
+            estimates = []
+            for spec in run_specs:
+                bench, method = get_benchmark(spec.config["benchmark"]), spec.config["method"]
+                cfg = METHODS.get(method).Config(**spec.config["method_config"])
+                run = spec.config["run"]
+                device, backbone = run["device"], spec.config["backbone"]["name"]
+                work = cost.workload(bench, cfg, run.get("shots", 0), run.get("eval_every", 1))
+                cal = cost.calibrate(finished, method, backbone, device)
+                estimates.append(cost.estimate(work, cal, backbone, device, args.tflops or cost.DEFAULT_TFLOPS))
+            known = [e.hours for e in estimates if e.hours is not None]
+            hours_of[cell.run_key] = (sum(known) if len(known) == len(estimates) else None, estimates[0].basis)
+            total += sum(known)
+        hours, basis = hours_of[cell.run_key]
+        rows.append([cell.id, cell.label, cell.benchmark, R.METRIC_NAMES[cell.metric], published(cell),
+                     ", ".join(s.run_id for s in run_specs), "?" if hours is None else f"{hours:.3g}", basis])
+    _print_rows(f"{manifest.paper}: {len(cells)} cells",
+                ("cell", "row", "benchmark", "metric", "published", "runs", "est. hours", "basis"), rows)
+    n_runs = sum(len(v) for v in specs.values())
+    console.print(f"{n_runs} runs for {sum(not R.implemented(c) for c in cells)} runnable cells "
+                  f"({sum(bool(R.implemented(c)) for c in cells)} not runnable); estimated {total:.1f} hours in all")
     return 0
 
 

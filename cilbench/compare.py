@@ -103,6 +103,7 @@ def _defaults(method: str) -> dict:
 
     out = {f"run.{f.name}": f.default for f in dataclasses.fields(RunSettings)}
     out.update({f"run.{k}": v for k, v in ADDED_SETTINGS["run"].items()})
+    out.update({f"backbone.{k}": v for k, v in ADDED_SETTINGS["backbone"].items()})
     if method in METHODS.names():
         cls = METHODS.get(method)
         out.update({f"method.{f.name}": (list(f.default) if isinstance(f.default, tuple) else f.default)

@@ -48,13 +48,15 @@ class RunSettings:
     online: bool | None = None   # online protocol; unset = the benchmark's or the method's default
     online_batch_size: int = bounded(0, 0)   # online stream batch size (0 = the method's batch size)
     online_iters: int = bounded(1, 1)        # online: gradient steps allowed on each streamed batch
+    deterministic: bool = False   # torch.use_deterministic_algorithms (+ cuBLAS workspace): bitwise repeatable on CUDA
 
 
 # Settings added after 0.1, with the value that reproduces the behaviour before them: a run folder
 # written before a setting existed resumes when the setting has that value (see RunDir.prepare).
 ADDED_SETTINGS: dict[str, dict[str, Any]] = {
     "run": {"bad_images": "fail", "shots": 0, "online": False, "online_batch_size": 0, "online_iters": 1,
-            "order_seed": 1993, "train_cache": 0},
+            "order_seed": 1993, "train_cache": 0, "deterministic": False},
+    "backbone": {"normalize": "dataset"},
 }
 
 

@@ -171,6 +171,28 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
             allow_code_change: bool = False) -> RunDir:
     """Run (or resume) one run. ``resume_only`` refuses to start a run that has nothing to resume;
     a resume under other code than the run started with is refused unless ``allow_code_change``."""
+    with _determinism(resolved.run.deterministic):
+        return _execute(resolved, reporter_factory, force, resume_only, allow_code_change)
+
+
+@contextlib.contextmanager
+def _determinism(on: bool):
+    """run.deterministic: torch's deterministic algorithms for this run only (CUDA's atomics-based kernels,
+    e.g. index_add's backward, otherwise differ from run to run); the process's previous mode after it."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # read when cuBLAS starts
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+
+
+def _execute(resolved: ResolvedRun, reporter_factory, force: bool, resume_only: bool,
+             allow_code_change: bool) -> RunDir:
     bench, run = resolved.bench, resolved.run
     if run.threads:
         torch.set_num_threads(run.threads)
@@ -189,7 +211,8 @@ def execute(resolved: ResolvedRun, reporter_factory=None, force: bool = False, r
     train, test = load_splits(bench.dataset, Path(run.data_root) if run.data_root else None, run.bad_images, loading)
     data = ClassIncrementalData(train, test, bench.n_classes, bench.splits, bench.order_seed, run.shots,
                                 bench.test_shuffle_seed, natural_order=bench.class_order == "natural")
-    backbone = load_backbone(resolved.backbone, normalize=bench.dataset.normalize)
+    normalize = {"dataset": bench.dataset.normalize, "on": True, "off": False}[resolved.backbone.normalize]
+    backbone = load_backbone(resolved.backbone, normalize=normalize)
     if backbone.img_size != bench.dataset.image_size:
         raise ConfigError(f"backbone {backbone.name} expects {backbone.img_size}px images, "
                           f"{bench.dataset.display} is set up for {bench.dataset.image_size}px",
@@ -325,10 +348,10 @@ def _write_summaries(rd: RunDir, ev: Evaluator, event: dict, resolved: ResolvedR
                **peak_memory(rd.read_events()),
                "code_version": " -> ".join(code_label(c) for c in codes), "code": codes[-1], "code_history": codes,
                "device": env["device"], "threads": env["threads"]}
-    rd.write_summary(summary)
     if final or s.n_tasks <= 60 or d % 10 == 0:
         rd.write_matrices({"accuracy_matrix": record.a})
         rd.write_matrices({"sample_counts": record.n, "top1_hits": record.c1, "top5_hits": record.c5}, "%.0f")
     if final:
         run_curves(record.a, record.seen_accuracy(), f"{resolved.method_cls.name} on {resolved.bench.name}",
                    rd.path / "curves.png")
+    rd.write_summary(summary)   # last: a summary saying "finished" means every file of the run is written

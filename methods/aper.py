@@ -15,6 +15,11 @@ weight decay 5e-4; finetune uses 6 epochs, batch 128, weight decay 0.05; all lr 
 bottleneck 64, 5 VPT tokens. Leaving ``tuned_epoch``/``batch_size``/``weight_decay``/``init_lr`` unset
 picks the variant's default. The cosine schedule steps per batch here (PILOT steps per epoch).
 
+``schedule = "pilot-inr"`` (set on the ImageNet-R benchmarks) takes PILOT's ``aper_*_inr.json`` values
+instead (adapter: 10 epochs, lr 0.05, batch 16, weight decay 5e-3; vpt: lr 0.05, batch 24; finetune: 5
+epochs, batch 144, weight decay 5e-3; ssf as CIFAR). Deviation: PILOT's INR VPT uses 30 tokens, here
+``prompt_token_num`` stays 5 unless set.
+
 ``schedule = "synthetic"`` (set on the synthetic benchmarks) changes one of them: the adapter
 variant's lr is 0.2. At PILOT's 0.01 the AdaptFormer adapter (zero-initialised up-projection, scale
 0.1) barely moves on the embedded ViT: after the first task its CLS feature has cosine 0.99997 to the
@@ -50,12 +55,18 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "finetune": {"tuned_epoch": 6, "batch_size": 128, "weight_decay": 0.05, "init_lr": 0.01},
 }
 SYNTHETIC_SCHEDULE: dict[str, dict[str, Any]] = {"adapter": {"init_lr": 0.2}}   # see the module docstring
+PILOT_INR_SCHEDULE: dict[str, dict[str, Any]] = {   # PILOT exps/aper_*_inr.json (ssf: as CIFAR)
+    "adapter": {"tuned_epoch": 10, "batch_size": 16, "weight_decay": 5e-3, "init_lr": 0.05},
+    "vpt": {"batch_size": 24, "init_lr": 0.05},
+    "finetune": {"tuned_epoch": 5, "batch_size": 144, "weight_decay": 5e-3},
+}
+SCHEDULES = {"pilot": {}, "synthetic": SYNTHETIC_SCHEDULE, "pilot-inr": PILOT_INR_SCHEDULE}
 
 
 @dataclass(frozen=True)
 class APERConfig:
     variant: Variant = "adapter"
-    schedule: Literal["pilot", "synthetic"] = "pilot"   # synthetic: the embedded-ViT schedule (docstring)
+    schedule: Literal["pilot", "pilot-inr", "synthetic"] = "pilot"   # per-benchmark presets (docstring)
     tuned_epoch: int | None = bounded(None, 0)        # None = the variant's default under ``schedule``
     batch_size: int | None = bounded(None, 1)
     weight_decay: float | None = bounded(None, 0.0)
@@ -71,8 +82,7 @@ class APERConfig:
     proto_batch_size: int = 128
 
     def __post_init__(self):
-        defaults = {**VARIANT_DEFAULTS[self.variant],
-                    **(SYNTHETIC_SCHEDULE.get(self.variant, {}) if self.schedule == "synthetic" else {})}
+        defaults = {**VARIANT_DEFAULTS[self.variant], **SCHEDULES[self.schedule].get(self.variant, {})}
         for key, value in defaults.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import timm
 import torch
@@ -25,6 +26,9 @@ class BackboneConfig:
     name: str = EMBEDDED
     weights: str = "pretrained"  # "pretrained" | "none" | path to a weights file
     drop_path: float = 0.0
+    # inputs (x - mean) / std: "dataset" = the benchmark file's convention (CaRE's: CIFAR, ImageNet-A and
+    # VTAB only), "off" = [0, 1] inputs as PILOT (and the APER/EASE/MOS tables) feed every dataset, "on"
+    normalize: Literal["dataset", "on", "off"] = "dataset"
 
 
 def load_backbone(cfg: BackboneConfig, normalize: bool = True) -> ViTBackbone:
