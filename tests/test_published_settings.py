@@ -21,7 +21,6 @@ IN21K = "vit_base_patch16_224.augreg_in21k"
 
 @pytest.fixture(autouse=True)
 def benchmarks():
-    import cilbench.methods  # noqa: F401 -- registers the methods
     load_benchmark_files()
 
 

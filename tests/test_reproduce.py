@@ -21,7 +21,6 @@ README_RUNS = REPO / "results" / "runs" / "readme"
 
 @pytest.fixture(autouse=True)
 def benchmarks():
-    import cilbench.methods  # noqa: F401
     load_benchmark_files()
 
 

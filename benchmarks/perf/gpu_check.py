@@ -58,7 +58,6 @@ def hits(folder: Path) -> np.ndarray:
 
 def check_methods(device: str, precisions: tuple[str, ...], out: Path) -> list[Check]:
     """Part 1: every method, 2 tasks, each precision (in this process: no start-up per run)."""
-    import cilbench.methods  # noqa: F401 -- registers the methods
     from cilbench.benchmark import load_benchmark_files
     from cilbench.errors import ConfigError
     from cilbench.registry import METHODS
