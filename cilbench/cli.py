@@ -329,11 +329,12 @@ def _reproduce_plan(manifest, cells, specs, args) -> int:
             estimates = []
             for spec in run_specs:
                 bench, method = get_benchmark(spec.config["benchmark"]), spec.config["method"]
-                cfg = METHODS.get(method).Config(**spec.config["method_config"])
+                method_cls = METHODS.get(method)
+                cfg = method_cls.Config(**spec.config["method_config"])
                 run = spec.config["run"]
                 device, backbone = run["device"], spec.config["backbone"]["name"]
-                work = cost.workload(bench, cfg, run.get("shots", 0), run.get("eval_every", 1))
-                cal = cost.calibrate(finished, method, backbone, device)
+                work = cost.workload(bench, method_cls, cfg, run.get("shots", 0), run.get("eval_every", 1))
+                cal = cost.calibrate(finished, method, backbone, device, bench.name)
                 estimates.append(cost.estimate(work, cal, backbone, device, args.tflops or cost.DEFAULT_TFLOPS))
             known = [e.hours for e in estimates if e.hours is not None]
             hours_of[cell.run_key] = (sum(known) if len(known) == len(estimates) else None, estimates[0].basis)

@@ -27,7 +27,7 @@ DEFAULT_TFLOPS = 50.0   # effective TFLOP/s assumed for a GPU when no calibratio
 
 @dataclass(frozen=True)
 class Workload:
-    train_image_epochs: float    # sum over training images of the epochs they are trained for
+    train_image_epochs: float    # training images x epochs (a forward-only pass counts 1/3; see workload)
     eval_images: float           # sum over evaluated tasks of the seen classes' test images
     known: bool = True           # False: the dataset's image counts are not recorded
 
@@ -51,25 +51,20 @@ def images_per_class(dataset) -> tuple[float, float] | None:
     return None
 
 
-def epochs_of(method_cfg: Any) -> float:
-    """Training epochs per task as the method's config names them (1: one pass, e.g. prototypes)."""
-    for name in ("epochs", "tuned_epoch"):
-        value = getattr(method_cfg, name, None)
-        if value:
-            return float(value)
-    return 1.0
-
-
-def workload(bench, method_cfg: Any, shots: int = 0, eval_every: int = 1) -> Workload:
+def workload(bench, method_cls: type, method_cfg: Any, shots: int = 0, eval_every: int = 1) -> Workload:
+    """Training as the method counts it (``Method.training_image_epochs``: e.g. APER trains on task 0
+    only, SimpleCIL only passes each image once) and evaluation after every evaluated task."""
     per_class = images_per_class(bench.dataset)
     if per_class is None:
         return Workload(0.0, 0.0, known=False)
     train, test = per_class
     train = min(train, shots) if shots else train
     n_tasks = len(bench.splits)
+    units = method_cls.training_image_epochs(method_cfg, [train * len(split) for split in bench.splits])
+    if method_cls.caches_test_features:   # each test image's features once, when its classes arrive
+        return Workload(units, test * bench.n_classes)
     evaluated = [t for t in range(n_tasks) if (t + 1) % eval_every == 0 or t == n_tasks - 1]
-    return Workload(train * bench.n_classes * epochs_of(method_cfg),
-                    test * sum(bench.splits[t].stop for t in evaluated))
+    return Workload(units, test * sum(bench.splits[t].stop for t in evaluated))
 
 
 def vit_flops_per_image(backbone_name: str) -> float:
@@ -106,13 +101,14 @@ class Calibration:
     runs: int
 
 
-def calibrate(run_dirs: list[Path], method: str, backbone: str, device: str) -> Calibration | None:
-    """From finished runs of ``method`` on ``backbone`` whose recorded device starts with ``device``."""
+def calibrate(run_dirs: list[Path], method: str, backbone: str, device: str,
+              benchmark: str | None = None) -> Calibration | None:
+    """From finished runs of ``method`` on ``backbone`` whose recorded device starts with ``device``;
+    only those of ``benchmark`` when there are any (the same images, the same per-image costs)."""
     from cilbench.benchmark import get_benchmark
     from cilbench.registry import METHODS
 
-    learn = eval_ = image_epochs = images = 0.0
-    used = 0
+    found = []   # (benchmark, learn s, eval s, workload)
     for folder in run_dirs:
         summary, config = _read(folder)
         if summary is None or summary.get("status") != "finished" or summary.get("method") != method:
@@ -121,20 +117,21 @@ def calibrate(run_dirs: list[Path], method: str, backbone: str, device: str) -> 
             continue
         try:
             bench = get_benchmark(config["benchmark"])
-            cfg = METHODS.get(method).Config(**config.get("method_config", {}))
+            method_cls = METHODS.get(method)
+            cfg = method_cls.Config(**config.get("method_config", {}))
         except Exception:   # noqa: BLE001 -- a run of a benchmark or setting this code no longer has
             continue
-        work = workload(bench, cfg, config.get("run", {}).get("shots", 0), config.get("run", {}).get("eval_every", 1))
-        if not work.known:
-            continue
-        learn += summary["learn_s_total"]
-        eval_ += summary["eval_s_total"]
-        image_epochs += work.train_image_epochs
-        images += work.eval_images
-        used += 1
-    if not used:
+        run = config.get("run", {})
+        work = workload(bench, method_cls, cfg, run.get("shots", 0), run.get("eval_every", 1))
+        if work.known:
+            found.append((bench.name, summary["learn_s_total"], summary["eval_s_total"], work))
+    if any(name == benchmark for name, *_ in found):
+        found = [f for f in found if f[0] == benchmark]
+    if not found:
         return None
-    return Calibration(learn / max(image_epochs, 1.0), eval_ / max(images, 1.0), used)
+    learn, eval_ = sum(f[1] for f in found), sum(f[2] for f in found)
+    image_epochs, images = sum(f[3].train_image_epochs for f in found), sum(f[3].eval_images for f in found)
+    return Calibration(learn / max(image_epochs, 1.0), eval_ / max(images, 1.0), len(found))
 
 
 def estimate(work: Workload, calibration: Calibration | None, backbone: str, device: str,

@@ -141,6 +141,15 @@ class ParamCost:
     stored: int      # non-parameter numbers kept for prediction/training (prototypes, statistics)
 
 
+def config_epochs(cfg: Any) -> float:
+    """Training epochs per task as a method's config names them (``epochs`` or ``tuned_epoch``), else 1."""
+    for name in ("epochs", "tuned_epoch"):
+        value = getattr(cfg, name, None)
+        if value:
+            return float(value)
+    return 1.0
+
+
 class Method(abc.ABC):
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""               # how tables name it when not just ``name`` (re-implementations)
@@ -157,11 +166,21 @@ class Method(abc.ABC):
     # (such a run still resumes and groups with new ones).
     removed_settings: ClassVar[dict[str, Any]] = {}
     takes_gradient_steps: ClassVar[bool] = True   # False: run.online_iters has nothing to act on
+    caches_test_features: ClassVar[bool] = False  # a test image's features are computed once (cilbench.cost)
     mixed_precision: ClassVar[bool] = True        # autocast in training and prediction under run.precision
     streams_online: ClassVar[bool] = False        # True: under --online, one pass whatever its epochs (rwf, samoe)
     # Plain attributes (ints, lists, optimizers) saved by the default ``state_dict`` beside the
     # discovered modules; an object with ``state_dict``/``load_state_dict`` is saved through them.
     state_attrs: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def training_image_epochs(cls, cfg: Any, images_per_task: list[float]) -> float:
+        """For the cost model (``cilbench.cost``): images x epochs trained on over a run, a forward-only
+        pass over an image counting 1/3. Default: every task's images for the config's ``epochs`` (or
+        ``tuned_epoch``), or one forward pass each for a method without gradient steps."""
+        if not cls.takes_gradient_steps:
+            return sum(images_per_task) / 3
+        return sum(images_per_task) * config_epochs(cfg)
 
     @classmethod
     def table_tags(cls, settings: dict[str, Any]) -> list[str]:

@@ -139,6 +139,13 @@ class APER(Method):
     mixed_precision = False     # prototypes and prediction run in fp32
     added_settings: ClassVar[dict] = {"schedule": "pilot"}     # runs before the synthetic schedule
 
+    caches_test_features = True   # both halves frozen after task 0 (FeatureCache)
+
+    @classmethod
+    def training_image_epochs(cls, cfg: APERConfig, images_per_task: list[float]) -> float:
+        """Task 0 trains for ``tuned_epoch``; every image then passes once for its prototype."""
+        return images_per_task[0] * cfg.tuned_epoch + sum(images_per_task) / 3
+
     @classmethod
     def online_passes(cls, cfg) -> int:
         return cfg.tuned_epoch + 1  # first-task adaptation, then the prototype pass

@@ -29,6 +29,14 @@ class Joint(FullModelMethod):
     Config = JointConfig
     uses_past_data = True
 
+    @classmethod
+    def training_image_epochs(cls, cfg: JointConfig, images_per_task: list[float]) -> float:
+        """"final": once on every image; "every": after each task on every image seen so far."""
+        if cfg.schedule == "final":
+            return sum(images_per_task) * cfg.epochs
+        seen = [sum(images_per_task[:t + 1]) for t in range(len(images_per_task))]
+        return sum(seen) * cfg.epochs
+
     def setup(self, backbone, info) -> None:
         super().setup(backbone, info)
         self.initial = copy.deepcopy(backbone.state_dict())

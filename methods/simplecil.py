@@ -30,6 +30,7 @@ class SimpleCIL(Method):
 
     Config = SimpleCILConfig
     takes_gradient_steps = False
+    caches_test_features = True   # frozen backbone: FeatureCache
     mixed_precision = False     # features are extracted in fp32
 
     def setup(self, backbone, info) -> None:

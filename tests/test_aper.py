@@ -130,7 +130,8 @@ def test_the_synthetic_schedule_raises_only_the_adapter_lr_and_only_on_synthetic
     cfg = lambda bench, *sets: resolve(RunRequest("aper", bench, sets=list(sets))).method_cfg  # noqa: E731
     assert (cfg("synth-10").schedule, cfg("synth-10").init_lr) == ("synthetic", 0.2)
     assert cfg("synth-10", "method.variant=ssf").init_lr == 0.01
-    assert (cfg("inr-10").schedule, cfg("inr-10").init_lr) == ("pilot", 0.01)      # real data: PILOT's
+    assert (cfg("cifar-10").schedule, cfg("cifar-10").init_lr) == ("pilot", 0.01)  # real data: PILOT's
+    assert (cfg("inr-10").schedule, cfg("inr-10").init_lr) == ("pilot-inr", 0.05)  # PILOT aper_adapter_inr.json
     assert cfg("synth-10", "method.init_lr=0.05").init_lr == 0.05                  # explicit wins
 
 
