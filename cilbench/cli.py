@@ -258,9 +258,9 @@ def _launch_sweep(grids, specs, out: Path, folder: Path, args) -> int:
 
 
 def _reproduce(args) -> int:
+    from cilbench import cost
     from cilbench import reproduce as R
     from cilbench import sweep as S
-    from cilbench.ioutil import atomic_write_text
 
     manifest = R.load_manifest(Path(args.manifest))
     cells = R.select(manifest.cells, args.cells)
@@ -270,20 +270,19 @@ def _reproduce(args) -> int:
     all_specs = S.expand(list(grids.values()), out)            # refuses two runs sharing a folder
     folder = out / "sweeps" / f"reproduce-{manifest.name}"
     if args.dry_run:
-        return _reproduce_plan(manifest, cells, specs, args)
+        runs = cost.finished_run_dirs([Path(p) for p in (args.calibrate or ["runs", "results/runs"])])
+        rows, hours = R.plan(manifest, cells, specs, runs, args.tflops or cost.DEFAULT_TFLOPS)
+        _print_rows(f"{manifest.paper}: {len(cells)} cells",
+                    ("cell", "row", "benchmark", "metric", "published", "runs", "est. hours", "basis"), rows)
+        runnable = sum(not R.implemented(c) for c in cells)
+        console.print(f"{len(all_specs)} runs for {runnable} runnable cells ({len(cells) - runnable} not runnable); "
+                      f"estimated {hours:.1f} hours in all")
+        return 0
     if not args.report_only and all_specs:
         _launch_sweep(list(grids.values()), all_specs, out, folder, args)
-    runs = {key: [out / spec.run_id for spec in group] for key, group in specs.items()}
-    rows = R.compare_cells(cells, runs, manifest.decimals)
-    table = R.report_table(rows, manifest.decimals)
-    folder.mkdir(parents=True, exist_ok=True)
-    import pandas as pd
-
-    from cilbench.compare import to_markdown
-    frame = pd.DataFrame(table)
-    atomic_write_text(folder / "reproduce.csv", frame.to_csv(index=False))
-    atomic_write_text(folder / "reproduce.md", f"# {manifest.paper}: published vs cilbench\n\n{to_markdown(frame)}")
-    R.plot(rows, folder / "reproduce.png", f"{manifest.paper}: {sum(r.mean is not None for r in rows)} cells")
+    rows = R.compare_cells(cells, {key: [out / s.run_id for s in group] for key, group in specs.items()},
+                           manifest.decimals)
+    table = R.write_report(folder, manifest, rows)
     columns = ("cell", "published", "ours", "delta", "tolerance", "verdict")
     _print_rows(f"{manifest.paper}: published vs cilbench", columns, [[r[c] for c in columns] for r in table])
     counts = {v: sum(r.status == v for r in rows) for v in ("within", "outside", "missing")}
@@ -306,48 +305,6 @@ def _print_rows(title: str, columns, rows: list[list[str]]) -> None:
     console.print(title, soft_wrap=True)
     for row in [list(columns), *rows]:
         console.print(escape(" | ".join(str(x) for x in row)), soft_wrap=True, highlight=False)
-
-
-def _reproduce_plan(manifest, cells, specs, args) -> int:
-    """--dry-run: every cell, the runs it needs and their estimated hours (cilbench.cost)."""
-    from cilbench import cost
-    from cilbench import reproduce as R
-    from cilbench.benchmark import get_benchmark
-    from cilbench.registry import METHODS
-
-    roots = [Path(p) for p in (args.calibrate or ["runs", "results/runs"])]
-    published = lambda cell: f"{cell.published:.{manifest.decimals}f}"  # noqa: E731
-    finished = cost.finished_run_dirs(roots)
-    rows, total, hours_of = [], 0.0, {}
-    for cell in cells:
-        why = R.implemented(cell)
-        if why:
-            rows.append([cell.id, cell.label, cell.benchmark, R.METRIC_NAMES[cell.metric], published(cell), why, "", ""])
-            continue
-        run_specs = specs[cell.run_key]
-        if cell.run_key not in hours_of:
-            estimates = []
-            for spec in run_specs:
-                bench, method = get_benchmark(spec.config["benchmark"]), spec.config["method"]
-                method_cls = METHODS.get(method)
-                cfg = method_cls.Config(**spec.config["method_config"])
-                run = spec.config["run"]
-                device, backbone = run["device"], spec.config["backbone"]["name"]
-                work = cost.workload(bench, method_cls, cfg, run.get("shots", 0), run.get("eval_every", 1))
-                cal = cost.calibrate(finished, method, backbone, device, bench.name)
-                estimates.append(cost.estimate(work, cal, backbone, device, args.tflops or cost.DEFAULT_TFLOPS))
-            known = [e.hours for e in estimates if e.hours is not None]
-            hours_of[cell.run_key] = (sum(known) if len(known) == len(estimates) else None, estimates[0].basis)
-            total += sum(known)
-        hours, basis = hours_of[cell.run_key]
-        rows.append([cell.id, cell.label, cell.benchmark, R.METRIC_NAMES[cell.metric], published(cell),
-                     ", ".join(s.run_id for s in run_specs), "?" if hours is None else f"{hours:.3g}", basis])
-    _print_rows(f"{manifest.paper}: {len(cells)} cells",
-                ("cell", "row", "benchmark", "metric", "published", "runs", "est. hours", "basis"), rows)
-    n_runs = sum(len(v) for v in specs.values())
-    console.print(f"{n_runs} runs for {sum(not R.implemented(c) for c in cells)} runnable cells "
-                  f"({sum(bool(R.implemented(c)) for c in cells)} not runnable); estimated {total:.1f} hours in all")
-    return 0
 
 
 def _list(args) -> int:

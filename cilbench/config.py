@@ -34,6 +34,7 @@ class RunSettings:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     eval_every: int = bounded(1, 1)          # evaluate after every K-th task (the last task always)
     eval_batch_size: int = bounded(256, 1)
+    # how ImageFolder files are read (in-memory sources, synthetic and CIFAR, have nothing to decode)
     num_workers: int | None = bounded(None, 0)  # ImageFolder decode workers; unset = from device and cores
     pin_memory: bool | None = None           # pinned host batches; unset = on for CUDA
     persistent_workers: bool | None = None   # keep decode workers between passes; unset = on with workers

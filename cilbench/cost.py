@@ -146,6 +146,19 @@ def estimate(work: Workload, calibration: Calibration | None, backbone: str, dev
     return Estimate(flops / (tflops * 1e12), f"FLOPs at {tflops:g} TFLOP/s (backbone only)")
 
 
+def estimate_run(config: dict, calibration_runs: list[Path], tflops: float = DEFAULT_TFLOPS) -> Estimate:
+    """The estimate for a run from the config it would record (``ResolvedRun.as_toml_dict``)."""
+    from cilbench.benchmark import get_benchmark
+    from cilbench.registry import METHODS
+
+    bench, method_cls = get_benchmark(config["benchmark"]), METHODS.get(config["method"])
+    run, backbone = config["run"], config["backbone"]["name"]
+    work = workload(bench, method_cls, method_cls.Config(**config["method_config"]), run.get("shots", 0),
+                    run.get("eval_every", 1))
+    calibration = calibrate(calibration_runs, config["method"], backbone, run["device"], bench.name)
+    return estimate(work, calibration, backbone, run["device"], tflops)
+
+
 def finished_run_dirs(roots: list[Path]) -> list[Path]:
     """Every run folder (a folder with a summary.json) under ``roots``."""
     return sorted({p.parent for root in roots if root.exists() for p in root.rglob("summary.json")})

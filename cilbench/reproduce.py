@@ -213,3 +213,42 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plan(manifest: Manifest, cells: list[Cell], specs: dict[tuple, list], calibration_runs: list[Path],
+         tflops: float) -> tuple[list[list[str]], float]:
+    """--dry-run: per cell its runs and their estimated hours (``cilbench.cost``); rows and total hours."""
+    from cilbench import cost
+
+    rows, total, hours_of = [], 0.0, {}
+    for cell in cells:
+        head = [cell.id, cell.label, cell.benchmark, METRIC_NAMES[cell.metric], f"{cell.published:.{manifest.decimals}f}"]
+        why = implemented(cell)
+        if why:
+            rows.append([*head, why, "", ""])
+            continue
+        if cell.run_key not in hours_of:
+            estimates = [cost.estimate_run(spec.config, calibration_runs, tflops) for spec in specs[cell.run_key]]
+            known = [e.hours for e in estimates if e.hours is not None]
+            hours_of[cell.run_key] = (sum(known) if len(known) == len(estimates) else None, estimates[0].basis)
+            total += sum(known)
+        hours, basis = hours_of[cell.run_key]
+        rows.append([*head, ", ".join(s.run_id for s in specs[cell.run_key]),
+                     "?" if hours is None else f"{hours:.3g}", basis])
+    return rows, total
+
+
+def write_report(folder: Path, manifest: Manifest, rows: list[Row]) -> list[dict]:
+    """reproduce.csv, reproduce.md and reproduce.png in ``folder``; the table's rows."""
+    import pandas as pd
+
+    from cilbench.compare import to_markdown
+    from cilbench.ioutil import atomic_write_text
+
+    table = report_table(rows, manifest.decimals)
+    folder.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(table)
+    atomic_write_text(folder / "reproduce.csv", frame.to_csv(index=False))
+    atomic_write_text(folder / "reproduce.md", f"# {manifest.paper}: published vs cilbench\n\n{to_markdown(frame)}")
+    plot(rows, folder / "reproduce.png", f"{manifest.paper}: {sum(r.mean is not None for r in rows)} cells")
+    return table

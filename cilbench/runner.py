@@ -89,6 +89,9 @@ def resolve(req: RunRequest) -> ResolvedRun:
     elif bench.class_order == "natural" and run.order_seed != bench.order_seed:
         raise ConfigError(f"{bench.name} keeps the classes in their natural (folder) order, so an order seed "
                           "has nothing to shuffle", f"drop --order-seed, or use a shuffled variant of {bench.name}")
+    if run.train_cache and bench.dataset.source != "imagefolder":
+        raise ConfigError(f"run.train_cache caches decoded ImageFolder files; {bench.dataset.display} is read "
+                          f"from {bench.dataset.source} images held in memory", "drop run.train_cache")
     workers, pin, persistent = loader_defaults(run.device, run.num_workers, run.pin_memory, run.persistent_workers)
     run = dataclasses.replace(run, num_workers=workers, pin_memory=pin, persistent_workers=persistent)
     default_order = bench.order_seed

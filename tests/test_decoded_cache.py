@@ -198,3 +198,11 @@ def test_training_cache_crops_cut_on_cuda_match_the_cpu_crops():
     cpu = random_resized_crop(images, cfg, torch.Generator().manual_seed(1), sizes)
     gpu = random_resized_crop(images.cuda(), cfg, torch.Generator().manual_seed(1), sizes)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-5)
+
+
+def test_a_training_cache_on_in_memory_data_is_refused():
+    from cilbench.errors import ConfigError
+    from cilbench.runner import RunRequest, resolve
+
+    with pytest.raises(ConfigError, match="train_cache"):
+        resolve(RunRequest("finetune", "tiny-3", sets=["run.train_cache=64"]))
