@@ -24,34 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from cilbench.benchmark import DatasetSpec
 from cilbench.data.folder_split import FolderLoading
 from cilbench.data.sources import load_splits
 from cilbench.data.stream import ClassIncrementalData
-from cilbench.data.synthetic import render_split
+from cilbench.data.jpeg_folder import write_jpeg_folder
 from cilbench.protocol import make_splits
 
 SPEC = DatasetSpec(key="jpeg-perf", display="JPEG 224-500 px", source="imagefolder", folder="jpeg-perf",
                    n_classes=20, image_size=224)
-
-
-def write_photos(folder: Path, n_classes: int, per_class: int, seed: int = 0) -> int:
-    """JPEGs of random height and width in [224, 500] with photo-like noise; returns the file count."""
-    rng = np.random.RandomState(seed)
-    for split in ("train", "test"):
-        images, labels = render_split("bench", split, n_classes, per_class, size=64, seed=seed)
-        for i, (image, label) in enumerate(zip(images.permute(0, 2, 3, 1).numpy(), labels)):
-            h, w = rng.randint(224, 501, size=2)
-            im = np.asarray(Image.fromarray(image).resize((int(w), int(h)), Image.BICUBIC), dtype=np.float32)
-            im = np.clip(im + rng.normal(0, 8, im.shape), 0, 255).astype(np.uint8)
-            d = folder / split / f"c{label:02d}"
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(im).save(d / f"{i:05d}.jpg", quality=90)
-    return 2 * n_classes * per_class
 
 
 def rate(views, convert: bool = False, passes: int = 3) -> float:
@@ -96,7 +79,9 @@ def main() -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     work = Path(tempfile.mkdtemp(prefix="cilbench-input-"))
     try:
-        n_files = write_photos(work / "data" / SPEC.folder, SPEC.n_classes, args.per_class)
+        write_jpeg_folder(work / "data" / SPEC.folder, SPEC.n_classes, args.per_class, args.per_class,
+                          sizes=(224, 500), render=64, noise=8.0)
+        n_files = 2 * SPEC.n_classes * args.per_class
         rows, bs = [], args.batch_size
         n = SPEC.n_classes
 

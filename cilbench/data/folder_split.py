@@ -154,9 +154,9 @@ class FolderSplit(ImageSplit):
     def _cache(self, mode: int) -> decoded_cache.Decoded:
         if mode not in self._cached:
             size = self.loading.train_cache if mode == SQUEEZE else self.image_size
-            what = (f"resize {size}x{size} bicubic (train cache)" if mode == SQUEEZE
-                    else f"resize {int(round(self.image_size * 256 / 224))} bicubic + center crop {size} (test)")
-            key = decoded_cache.cache_key(self.paths, self.folder, what)
+            transform = repr(self._decoder.transforms[mode])   # the key follows the very transform
+            what = "train cache" if mode == SQUEEZE else "test transform"
+            key = decoded_cache.cache_key(self.paths, self.folder, transform)
             n = len(self.paths)
 
             def fill():
@@ -166,7 +166,8 @@ class FolderSplit(ImageSplit):
                     yield start, pixels.numpy(), hw.numpy(), {int(k): e for k, e in zip(keys, errors) if e}
                     start += len(keys)
 
-            cache = decoded_cache.open_or_build(self.loading.cache_dir / "decoded", key, n, size, fill, f"{self.folder}: {what}")
+            cache = decoded_cache.open_or_build(self.loading.cache_dir / "decoded", key, n, size, fill,
+                                                f"{self.folder}: {transform}")
             self._cached[mode] = cache
             if self.loading.log:
                 how = (f"built in {cache.built_s:.1f} s" if cache.built_s is not None else "reused")
