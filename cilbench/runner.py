@@ -209,8 +209,7 @@ def _execute(resolved: ResolvedRun, reporter_factory, force: bool, resume_only: 
     device = torch.device(run.device)
     seed_everything(run.seed)
     loading = FolderLoading(run.num_workers, run.pin_memory, run.persistent_workers, run.decode_cache,
-                            run.train_cache, cache_dir(run.cache_dir) if run.cache_dir else None, run.device,
-                            log=rd.log)
+                            run.train_cache, cache_dir(run.cache_dir), run.device, log=rd.log)
     train, test = load_splits(bench.dataset, Path(run.data_root) if run.data_root else None, run.bad_images, loading)
     data = ClassIncrementalData(train, test, bench.n_classes, bench.splits, bench.order_seed, run.shots,
                                 bench.test_shuffle_seed, natural_order=bench.class_order == "natural")
