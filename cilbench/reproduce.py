@@ -13,13 +13,13 @@ the mean over seeds, rounded to the paper's decimals, with the published value: 
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cilbench.errors import ConfigError
+from cilbench.results import RunDir
 
 METRICS = {"avg": "avg_inc_acc", "last": "last_acc"}
 METRIC_NAMES = {"avg": "Ā", "last": "A_B"}
@@ -170,13 +170,10 @@ def compare_cells(cells: list[Cell], runs: dict[tuple, list[Path]], decimals: in
 
 
 def _metric(folder: Path, metric: str) -> float | None:
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-    except (OSError, ValueError):
+    run = RunDir(folder)
+    if run.status() != "finished":
         return None
-    if summary.get("status") != "finished":
-        return None
-    return float(summary["metrics"][METRICS[metric]])
+    return float(run.read_summary()["metrics"][METRICS[metric]])
 
 
 def report_table(rows: list[Row], decimals: int) -> list[dict]:

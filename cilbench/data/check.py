@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
 from cilbench.benchmark import BenchmarkSpec
+from cilbench.data.folder_split import image_files, list_classes
 from cilbench.protocol import class_order
 
 SPLITS = ("train", "test")
@@ -69,9 +68,8 @@ def check_dataset(bench: BenchmarkSpec, data_root: Path, decode: bool = True, wo
         if not (folder / split).is_dir():
             report.fail(f"{folder} has no {split}/ folder", f"expected {layout}")
             continue
-        classes[split] = sorted(p.name for p in (folder / split).iterdir() if p.is_dir())
-        files[split] = [(c, str(p)) for c in classes[split] for p in sorted((folder / split / c).iterdir())
-                        if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()]
+        classes[split] = list_classes(folder / split)    # what a run lists and reads, exactly
+        files[split] = [(classes[split][t], p) for p, t in image_files(folder / split, classes[split])]
     if len(classes) < 2:
         return report
     _check_classes(report, spec, classes, files)

@@ -110,8 +110,7 @@ class FolderSplit(ImageSplit):
                  bad_images: str = "fail", loading: FolderLoading = FolderLoading()):
         self.bad_images = bad_images  # "fail": stop naming the file | "skip": drop it and record it
         self.skipped: dict[str, str] = {}  # path -> error, for the run's report
-        class_to_idx = {c: i for i, c in enumerate(classes)}
-        samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        samples = image_files(folder, classes)
         if not samples:
             raise DataError(f"no images found under {folder}",
                             f"put images in {folder}/<class>/ (extensions {', '.join(IMG_EXTENSIONS[:4])}, ...)")
@@ -220,3 +219,10 @@ class FolderSplit(ImageSplit):
 
 def list_classes(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def image_files(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """(path, class index) of every image a run reads under ``folder/<class>/`` (torchvision's
+    ImageFolder listing: image extensions, sub-folders walked, sorted)."""
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    return make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
